@@ -1,0 +1,21 @@
+"""diffrax-deer: parallel-in-time ODE solving for diffrax with DEER."""
+
+import importlib.metadata
+
+from ._discretisation import (
+    AbstractDiscretisation as AbstractDiscretisation,
+    BatchedLinearSolve as BatchedLinearSolve,
+    LinearisedSteps as LinearisedSteps,
+)
+from ._interpolation import DeerInterpolation as DeerInterpolation
+from ._newton import NewtonStats as NewtonStats, newton_solve as newton_solve
+from ._scan import solve_affine_recurrence as solve_affine_recurrence
+from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
+from ._trapezoid import Trapezoid as Trapezoid
+from ._window import solve_window as solve_window
+
+
+try:
+    __version__ = importlib.metadata.version("diffrax-deer")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"

@@ -1,0 +1,46 @@
+"""Parallel solution of an affine (linear, inhomogeneous) recurrence."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Inexact
+
+
+def _compose(
+    earlier: tuple[Array, Array], later: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    # (A2, b2) o (A1, b1) = (A2 A1, A2 b1 + b2): apply `earlier` first.
+    transition_earlier, offset_earlier = earlier
+    transition_later, offset_later = later
+    transition = transition_later @ transition_earlier
+    offset = (transition_later @ offset_earlier[..., None])[..., 0] + offset_later
+    return transition, offset
+
+
+def solve_affine_recurrence(
+    transitions: Inexact[Array, "steps n n"],
+    offsets: Inexact[Array, "steps n"],
+    initial: Inexact[Array, " n"],
+) -> Inexact[Array, "steps+1 n"]:
+    r"""Solves $d_{i+1} = A_i d_i + b_i$ for all $i$ at once.
+
+    Affine maps compose associatively, $(A_2, b_2) \circ (A_1, b_1) =
+    (A_2 A_1, A_2 b_1 + b_2)$, so `jax.lax.associative_scan` produces every prefix
+    composition in $O(\log N)$ depth and $O(N n^3)$ work. The result is linear in
+    `offsets` and `initial`, so JAX can transpose it: reverse-mode derivatives become
+    the same scan run backwards with $A_i^\top$.
+
+    **Arguments:**
+
+    - `transitions`: the matrices $A_i$, shape `(N, n, n)`.
+    - `offsets`: the vectors $b_i$, shape `(N, n)`.
+    - `initial`: the starting value $d_0$, shape `(n,)`.
+
+    **Returns:**
+
+    The array $(d_0, d_1, \ldots, d_N)$ of shape `(N + 1, n)`.
+    """
+    prefix_transitions, prefix_offsets = jax.lax.associative_scan(
+        _compose, (transitions, offsets)
+    )
+    rest = (prefix_transitions @ initial) + prefix_offsets
+    return jnp.concatenate([initial[None], rest], axis=0)

@@ -1,0 +1,244 @@
+"""`DeerSolver`: the diffrax adapter around the DEER window solve."""
+
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from diffrax import RESULTS, AbstractSolver, AbstractTerm, MultiTerm, ODETerm
+from diffrax._term import AdjointTerm, WrapTerm
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Int, PyTree, Real
+
+from ._discretisation import AbstractDiscretisation
+from ._interpolation import DeerInterpolation
+from ._predictor import default_predictor_steps
+from ._trapezoid import Trapezoid
+from ._window import solve_window
+
+
+# Newton's stopping tolerances when none are given. The update's size is a
+# round-off floor times sqrt(N) or so (a random walk through the scan); these stay
+# above that for N up to ~1e6 and below the discretisation error of typical grids.
+_DEFAULT_TOLERANCES = {
+    jnp.dtype(jnp.float64): (1e-10, 1e-10),
+    jnp.dtype(jnp.float32): (1e-5, 1e-5),
+    jnp.dtype(jnp.float16): (1e-2, 1e-2),
+    jnp.dtype(jnp.bfloat16): (1e-2, 1e-2),
+}
+
+
+class DeerState(eqx.Module):
+    """The solver state of [`diffrax_deer.DeerSolver`][]: Newton statistics.
+
+    Read it from `diffeqsolve(..., saveat=SaveAt(..., solver_state=True))` as
+    `sol.solver_state`.
+
+    **Arguments:**
+
+    - `num_iters`: Newton iterations of the last window.
+    - `total_num_iters`: Newton iterations summed over all windows so far.
+    - `max_num_iters`: the most Newton iterations any window took.
+    - `update_norm`: the last window's final scaled update (converged when <= 1).
+    - `residual_norm`: the last window's residual at its last linearisation.
+    """
+
+    num_iters: Int[Array, ""]
+    total_num_iters: Int[Array, ""]
+    max_num_iters: Int[Array, ""]
+    update_norm: Real[Array, ""]
+    residual_norm: Real[Array, ""]
+
+
+_BACKSOLVE_MESSAGE = (
+    "DeerSolver does not support `diffrax.BacksolveAdjoint`: its continuous adjoint "
+    "gives only approximate gradients of a DEER solve. Use the default "
+    "`diffrax.RecursiveCheckpointAdjoint()` (or `diffrax.DirectAdjoint()`), whose "
+    "gradients DeerSolver computes exactly by the implicit function theorem."
+)
+
+
+def _check_ode_terms(terms: PyTree[AbstractTerm]) -> None:
+    def is_term(x):
+        return isinstance(x, AbstractTerm) and not isinstance(x, MultiTerm)
+
+    for term in jtu.tree_leaves(terms, is_leaf=is_term):
+        inner = term.term if isinstance(term, WrapTerm) else term
+        if isinstance(inner, AdjointTerm):
+            raise NotImplementedError(_BACKSOLVE_MESSAGE)
+        if not isinstance(inner, ODETerm):
+            raise ValueError(
+                "DeerSolver solves ODEs: pass `diffrax.ODETerm(f)` (or a "
+                "`diffrax.MultiTerm` of ODETerms). Got a term of type "
+                f"`{type(inner).__name__}`; SDEs and control terms are not supported."
+            )
+
+
+class DeerSolver(AbstractSolver):
+    r"""Solves an ODE over a whole window of steps at once, by DEER.
+
+    One diffrax step is one window $[t_0, t_1]$. DeerSolver discretises it on
+    `num_steps` uniform intervals, $t_i = t_0 + i (t_1 - t_0) / N$, and solves for all
+    nodes at once: Newton's method on the stacked residual
+    $r_i = y_{i+1} - y_i - \tfrac{h}{2}(f(t_i, y_i) + f(t_{i+1}, y_{i+1}))$ (the
+    implicit trapezoidal rule), where each Newton step is the linear recurrence
+    $\delta_{i+1} = A_i \delta_i + b_i$, solved by a parallel associative scan in
+    $O(\log N)$ depth. Newton starts from a coarse RK4 solve interpolated onto the
+    grid. Derivatives use the implicit function theorem at the converged trajectory:
+    one more linear recurrence, never backpropagation through Newton.
+
+    Use `dt0 = t1 - t0` (or `stepsize_controller=diffrax.StepTo([t0, t1])`) for one
+    window; a smaller `dt0` gives consecutive windows, each solved in parallel in
+    time. Shorter windows are the remedy when Newton does not converge (chaotic
+    dynamics over a long window). Values between nodes (`SaveAt(ts=...)`,
+    `SaveAt(dense=True)`) come from cubic Hermite interpolation. With
+    `SaveAt(dense=True)` set `max_steps` to the number of windows: diffrax stores
+    every window's nodes, `max_steps` times.
+
+    A window whose Newton solve did not converge within `max_iters` returns
+    `RESULTS.nonlinear_max_steps_reached`; one where the vector field became
+    non-finite returns `RESULTS.nonlinear_divergence`. With `throw=True` (the
+    default) either raises; the Newton statistics are in `sol.solver_state` with
+    `SaveAt(solver_state=True)` (see [`diffrax_deer.DeerState`][]).
+
+    ```python
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(f), DeerSolver(num_steps=1000), t0=0.0, t1=10.0, dt0=10.0,
+        y0=y0, args=args, saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 10.0, 101)))
+    ```
+
+    **Arguments:**
+
+    - `num_steps`: intervals per window, $N \ge 1$.
+    - `rtol`, `atol`: Newton stops when every node's update is within
+        `atol + rtol * |y|` in the RMS norm. `None` picks by dtype: 1e-10 in float64,
+        1e-5 in float32.
+    - `max_iters`: the most Newton iterations per window.
+    - `predictor_steps`: sequential RK4 steps of the initial guess; `None` uses
+        `max(64, num_steps // 16)` (at most `num_steps`), `0` starts from `y0` at
+        every node.
+    - `discretisation`: the one-step scheme; the implicit trapezoidal rule by
+        default.
+    """
+
+    num_steps: int = eqx.field(static=True)
+    rtol: float | None = eqx.field(static=True, default=None)
+    atol: float | None = eqx.field(static=True, default=None)
+    max_iters: int = eqx.field(static=True, default=50)
+    predictor_steps: int | None = eqx.field(static=True, default=None)
+    discretisation: AbstractDiscretisation = eqx.field(static=True, default=Trapezoid())
+
+    term_structure: ClassVar = AbstractTerm
+    interpolation_cls: ClassVar = DeerInterpolation
+
+    def __check_init__(self):
+        def is_positive_int(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        if not is_positive_int(self.num_steps):
+            raise ValueError(
+                "`DeerSolver(num_steps=...)` must be an integer >= 1 (the number of "
+                f"intervals per window); got {self.num_steps!r}."
+            )
+        if not is_positive_int(self.max_iters):
+            raise ValueError(
+                f"`max_iters` must be an integer >= 1; got {self.max_iters!r}."
+            )
+        if self.predictor_steps is not None and not (
+            self.predictor_steps == 0 or is_positive_int(self.predictor_steps)
+        ):
+            raise ValueError(
+                "`predictor_steps` must be None, 0 (constant guess) or a positive "
+                f"integer; got {self.predictor_steps!r}."
+            )
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and value > 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be a positive float or None; got {value!r}."
+                )
+        if not isinstance(self.discretisation, AbstractDiscretisation):
+            raise ValueError(
+                "`discretisation` must be a `diffrax_deer.AbstractDiscretisation`, "
+                f"such as `diffrax_deer.Trapezoid()`; got {self.discretisation!r}."
+            )
+
+    def order(self, terms: PyTree[AbstractTerm]) -> int:
+        return self.discretisation.order
+
+    def init(self, terms, t0, t1, y0, args) -> DeerState:
+        _check_ode_terms(terms)
+        y_flat, _ = ravel_pytree(y0)
+        if jnp.issubdtype(y_flat.dtype, jnp.complexfloating):
+            raise ValueError(
+                "DeerSolver does not support complex states yet: split `y0` into "
+                "real and imaginary parts (e.g. a tuple of two real arrays)."
+            )
+        zero = jnp.array(0, jnp.int32)
+        nan = jnp.array(jnp.nan, y_flat.dtype)
+        return DeerState(zero, zero, zero, nan, nan)
+
+    def _tolerances(self, dtype) -> tuple[float, float]:
+        default_rtol, default_atol = _DEFAULT_TOLERANCES[jnp.dtype(dtype)]
+        rtol = default_rtol if self.rtol is None else self.rtol
+        atol = default_atol if self.atol is None else self.atol
+        return rtol, atol
+
+    def step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
+        del made_jump
+        y0_flat, unravel = ravel_pytree(y0)
+        dtype = y0_flat.dtype
+        unravel_nodes = jax.vmap(unravel)
+        # For ODE terms the control over [0, 1] is the time direction (+-1), so
+        # `vf_prod` with it is dy/dt in diffrax's normalised, increasing time.
+        unit_control = terms.contr(jnp.zeros((), dtype), jnp.ones((), dtype))
+
+        def vector_field(t, y, args):
+            dy = terms.vf_prod(t, unravel(y), args, unit_control)
+            dy_flat, _ = ravel_pytree(dy)
+            return dy_flat.astype(dtype)
+
+        fractions = jnp.arange(self.num_steps + 1, dtype=dtype) / self.num_steps
+        ts = t0 + (t1 - t0) * fractions
+        ts = ts.astype(dtype).at[-1].set(t1)
+        rtol, atol = self._tolerances(dtype)
+        if self.predictor_steps is None:
+            predictor_steps = default_predictor_steps(self.num_steps)
+        else:
+            predictor_steps = self.predictor_steps
+        ys, fs, stats = solve_window(
+            vector_field,
+            self.discretisation,
+            ts,
+            y0_flat,
+            args,
+            rtol=rtol,
+            atol=atol,
+            max_iters=self.max_iters,
+            predictor_steps=predictor_steps,
+        )
+        result = RESULTS.where(
+            stats.converged,
+            RESULTS.successful,
+            RESULTS.where(
+                stats.diverged,
+                RESULTS.nonlinear_divergence,
+                RESULTS.nonlinear_max_steps_reached,
+            ),
+        )
+        new_state = DeerState(
+            num_iters=stats.num_iters,
+            total_num_iters=solver_state.total_num_iters + stats.num_iters,
+            max_num_iters=jnp.maximum(solver_state.max_num_iters, stats.num_iters),
+            update_norm=stats.update_norm.astype(dtype),
+            residual_norm=stats.residual_norm.astype(dtype),
+        )
+        dense_info = dict(ys=unravel_nodes(ys), fs=unravel_nodes(fs))
+        y1 = unravel(ys[-1])
+        return y1, None, dense_info, new_state, result
+
+    def func(self, terms, t0, y0, args) -> Any:
+        return terms.vf(t0, y0, args)

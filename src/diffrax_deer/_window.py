@@ -1,0 +1,144 @@
+"""One window solved by DEER, with derivatives by the implicit function theorem."""
+
+import equinox as eqx
+import jax
+import jax.custom_derivatives
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Inexact, PyTree
+
+from ._discretisation import (
+    AbstractDiscretisation,
+    VectorField,
+    evaluate_nodes,
+    evaluate_nodes_and_jacobians,
+)
+from ._newton import NewtonStats, newton_solve
+from ._predictor import coarse_rk4_guess, constant_guess
+from ._scan import solve_affine_recurrence
+
+
+class _WindowConfig(eqx.Module):
+    discretisation: AbstractDiscretisation = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    max_iters: int = eqx.field(static=True)
+    predictor_steps: int = eqx.field(static=True)
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+@eqx.filter_custom_jvp
+def _solve_window(vector_field, ts, y0, args, guess, config: _WindowConfig):
+    if guess is None:
+        if config.predictor_steps == 0:
+            guess = constant_guess(ts, y0)
+        else:
+            guess = coarse_rk4_guess(vector_field, ts, y0, args, config.predictor_steps)
+    guess = guess.at[0].set(y0)
+    return newton_solve(
+        vector_field,
+        config.discretisation,
+        ts,
+        guess,
+        args,
+        rtol=config.rtol,
+        atol=config.atol,
+        max_iters=config.max_iters,
+    )
+
+
+@_solve_window.def_jvp
+def _solve_window_jvp(primals, tangents):
+    r"""Tangents by the implicit function theorem, one linear recurrence.
+
+    At the solution, $R(y^*, \theta) = 0$ with $\theta$ = (vector field parameters,
+    grid, args). So $\partial_y R \, \dot y = -\partial_\theta R \, \dot\theta$ with
+    $\dot y_0$ given: the same recurrence as a Newton step, with the residual replaced
+    by $c = \partial_\theta R\,\dot\theta$, evaluated once at $y^*$. JAX transposes
+    it (a reverse scan) for reverse mode; the Newton loop is never differentiated.
+    """
+    vector_field, ts, y0, args, guess, config = primals
+    t_vector_field, t_ts, t_y0, t_args, _, _ = tangents
+    ys, fs, stats = _solve_window(vector_field, ts, y0, args, guess, config)
+    discretisation = config.discretisation
+
+    params = (vector_field, ts, args)
+    t_params = (t_vector_field, t_ts, t_args)
+    no_tangent = jtu.tree_map(_is_none, t_params, is_leaf=_is_none)
+    nondiff, diff = eqx.partition(params, no_tangent, is_leaf=_is_none)
+
+    def fs_and_residual_at_solution(_diff):
+        _vector_field, _ts, _args = eqx.combine(_diff, nondiff)
+        _fs = evaluate_nodes(_vector_field, _ts, ys, _args)
+        return _fs, discretisation.residual(_ts, ys, _fs)
+
+    _, (t_fs_at_fixed_ys, t_residual) = jax.jvp(
+        fs_and_residual_at_solution, (diff,), (t_params,)
+    )
+    _, jacobians = evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
+    linearised = discretisation.linearise(ts, ys, jacobians)
+    if t_y0 is None:
+        t_y0 = jnp.zeros_like(y0)
+    t_ys = solve_affine_recurrence(
+        linearised.transitions, -linearised.step_solve.solve(t_residual), t_y0
+    )
+    t_fs = t_fs_at_fixed_ys + (jacobians @ t_ys[..., None])[..., 0]
+    t_stats = jax.custom_derivatives.zero_from_primal(stats, symbolic_zeros=True)
+    return (ys, fs, stats), (t_ys, t_fs, t_stats)
+
+
+def solve_window(
+    vector_field: VectorField,
+    discretisation: AbstractDiscretisation,
+    ts: Inexact[Array, " nodes"],
+    y0: Inexact[Array, " n"],
+    args: PyTree = None,
+    guess: Inexact[Array, "nodes n"] | None = None,
+    *,
+    rtol: float,
+    atol: float,
+    max_iters: int,
+    predictor_steps: int,
+) -> tuple[Inexact[Array, "nodes n"], Inexact[Array, "nodes n"], NewtonStats]:
+    r"""Solves $y' = f(t, y)$, $y(t_0) = y_0$ on every node of `ts` at once.
+
+    Discretises with `discretisation`, takes the initial guess from `guess` or from
+    a coarse predictor, and runs [`diffrax_deer.newton_solve`][]. Derivatives with
+    respect to `y0`, `args`, `ts` and any array the vector field closes over are
+    given by the implicit function theorem at the converged trajectory: one extra
+    linear recurrence, solved by the same parallel scan (`jax.jvp`), or by its
+    transpose, a reverse scan (`jax.grad`).
+
+    **Arguments:**
+
+    - `vector_field`: `f(t, y, args)` on flat arrays of shape `(n,)`.
+    - `discretisation`: e.g. [`diffrax_deer.Trapezoid`][].
+    - `ts`: the `N + 1` grid nodes (uniform, if the predictor is used).
+    - `y0`: the initial value, shape `(n,)`.
+    - `args`: passed to `vector_field`.
+    - `guess`: optional starting trajectory, shape `(N + 1, n)`; not differentiated.
+    - `rtol`, `atol`, `max_iters`: Newton's stopping rule.
+    - `predictor_steps`: coarse RK4 steps of the predictor used when `guess` is
+        `None`; `0` starts from $y_0$ at every node.
+
+    **Returns:**
+
+    The node values, shape `(N + 1, n)`, the vector field at them (as
+    [`diffrax_deer.newton_solve`][]), and [`diffrax_deer.NewtonStats`][].
+    """
+    # Lift closed-over arrays (e.g. a neural network's weights) into explicit inputs,
+    # so that the custom derivative sees, and differentiates, them.
+    vector_field = eqx.filter_closure_convert(vector_field, ts[0], y0, args)
+    if guess is not None:
+        guess = jax.lax.stop_gradient(guess)
+    config = _WindowConfig(
+        discretisation=discretisation,
+        rtol=rtol,
+        atol=atol,
+        max_iters=max_iters,
+        predictor_steps=predictor_steps,
+    )
+    return _solve_window(vector_field, ts, y0, args, guess, config)
