@@ -1,0 +1,221 @@
+"""DeerSolver fails loudly and clearly: bad options, unsupported problems, and Newton
+solves that do not converge or produce non-finite values."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrax_deer import DeerSolver
+
+
+# float64 unless a test says otherwise (conftest.py sets this too; repeated here so
+# the module does not depend on it).
+jax.config.update("jax_enable_x64", True)
+
+
+def field(t, y, args):
+    """A nonlinear 2-state field (Lotka-Volterra)."""
+    prey, predator = y[0], y[1]
+    return jnp.stack([1.5 * prey - prey * predator, -3.0 * predator + prey * predator])
+
+
+Y0 = jnp.array([1.0, 1.0])
+T0, T1 = 0.0, 2.0
+N = 64
+TERM = diffrax.ODETerm(field)
+SOLVER = DeerSolver(N)
+
+
+def deer_solve(solver=SOLVER, term=TERM, y0=Y0, t1=T1, **kwargs):
+    kwargs.setdefault("saveat", diffrax.SaveAt(t1=True, solver_state=True))
+    return diffrax.diffeqsolve(term, solver, T0, t1, t1 - T0, y0, **kwargs)
+
+
+def trace_only(fn):
+    """Traces `fn` without compiling or running it: errors raised here are raised at
+    trace time."""
+    return jax.eval_shape(fn)
+
+
+# ------------------------------------------------------------------------------------
+# Newton not converging, non-finite values
+# ------------------------------------------------------------------------------------
+
+ONE_ITERATION = DeerSolver(N, max_iters=1, predictor_steps=0)
+
+
+def test_not_converged_result_without_throw():
+    sol = deer_solve(ONE_ITERATION, throw=False)
+    assert sol.result == diffrax.RESULTS.nonlinear_max_steps_reached
+    assert int(sol.solver_state.num_iters) == 1
+    assert float(sol.solver_state.update_norm) > 1.0
+
+
+def test_not_converged_raises_with_throw():
+    with pytest.raises(eqx.EquinoxRuntimeError, match="nonlinear solver"):
+        deer_solve(ONE_ITERATION, throw=True)
+
+
+def log_field(t, y, args):
+    return jnp.log(y - 10.0)  # NaN everywhere near y0
+
+
+def sqrt_field(t, y, args):
+    return -jnp.sqrt(y)  # reaches zero in finite time, then sqrt of a negative
+
+
+def blow_up_field(t, y, args):
+    return y**2  # y(t) = 1 / (1 - t) from y0 = 1: infinite at t = 1 < T1
+
+
+@pytest.mark.parametrize("vector_field", [log_field, sqrt_field])
+def test_non_finite_vector_field_is_divergence(vector_field):
+    sol = deer_solve(
+        term=diffrax.ODETerm(vector_field), y0=jnp.array([1.0, 0.5]), throw=False
+    )
+    assert sol.result == diffrax.RESULTS.nonlinear_divergence
+    # The returned values are the last finite iterate, not NaN.
+    assert np.all(np.isfinite(sol.ys))
+
+
+def test_non_finite_raises_with_throw():
+    with pytest.raises(eqx.EquinoxRuntimeError, match="diverged"):
+        deer_solve(term=diffrax.ODETerm(log_field), y0=jnp.array([1.0, 0.5]))
+
+
+def test_blow_up_is_not_reported_as_success():
+    sol = deer_solve(
+        term=diffrax.ODETerm(blow_up_field), y0=jnp.array([1.0, 1.0]), throw=False
+    )
+    assert sol.result != diffrax.RESULTS.successful
+
+
+# ------------------------------------------------------------------------------------
+# Unsupported terms, controllers and adjoints
+# ------------------------------------------------------------------------------------
+
+
+def diffusion(t, y, args):
+    return 0.1 * jnp.diag(y)
+
+
+def brownian_motion():
+    return diffrax.VirtualBrownianTree(
+        T0, T1, tol=1e-3, shape=(2,), key=jax.random.key(0)
+    )
+
+
+SDE_WARNING = "ignore:`DeerSolver` is not marked as converging:UserWarning"
+
+
+@pytest.mark.filterwarnings(SDE_WARNING)
+def test_sde_raises_value_error_at_trace_time():
+    terms = diffrax.MultiTerm(TERM, diffrax.ControlTerm(diffusion, brownian_motion()))
+    with pytest.raises(ValueError, match="ODE"):
+        trace_only(lambda: deer_solve(term=terms))
+
+
+@pytest.mark.filterwarnings(SDE_WARNING)
+def test_lone_control_term_raises_value_error_at_trace_time():
+    term = diffrax.ControlTerm(diffusion, brownian_motion())
+    with pytest.raises(ValueError, match="ODE"):
+        trace_only(lambda: deer_solve(term=term))
+
+
+def test_multi_term_of_odes_equals_summed_field():
+    def part_a(t, y, args):
+        return jnp.stack([1.5 * y[0], -3.0 * y[1]])
+
+    def part_b(t, y, args):
+        return jnp.stack([-y[0] * y[1], y[0] * y[1]])
+
+    terms = diffrax.MultiTerm(diffrax.ODETerm(part_a), diffrax.ODETerm(part_b))
+    sol_multi = deer_solve(term=terms)
+    sol_single = deer_solve()
+    assert sol_single.result == diffrax.RESULTS.successful
+    assert sol_multi.result == diffrax.RESULTS.successful
+    np.testing.assert_allclose(sol_multi.ys, sol_single.ys, rtol=1e-12)
+
+
+def test_adaptive_step_size_controller_is_refused():
+    controller = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+    # diffrax's own error: DeerSolver returns no error estimate.
+    with pytest.raises(RuntimeError, match="does not provide error estimates"):
+        trace_only(lambda: deer_solve(stepsize_controller=controller))
+
+
+def test_backsolve_adjoint_grad_raises_not_implemented():
+    def loss(y0):
+        sol = deer_solve(
+            y0=y0, adjoint=diffrax.BacksolveAdjoint(), saveat=diffrax.SaveAt(t1=True)
+        )
+        return jnp.sum(sol.ys)
+
+    # The forward solve alone is fine; its gradient is refused, pointing to the
+    # default adjoint.
+    trace_only(lambda: loss(Y0))
+    with pytest.raises(NotImplementedError, match="RecursiveCheckpointAdjoint"):
+        trace_only(lambda: jax.grad(loss)(Y0))
+
+
+# ------------------------------------------------------------------------------------
+# Bad options and states
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_steps=0), "num_steps"),
+        (dict(num_steps=-3), "num_steps"),
+        (dict(num_steps=2.5), "num_steps"),
+        (dict(num_steps=True), "num_steps"),
+        (dict(num_steps="10"), "num_steps"),
+        (dict(num_steps=10, max_iters=0), "max_iters"),
+        (dict(num_steps=10, max_iters=2.0), "max_iters"),
+        (dict(num_steps=10, rtol=-1), "rtol"),
+        (dict(num_steps=10, atol=0.0), "atol"),
+        (dict(num_steps=10, predictor_steps=-1), "predictor_steps"),
+        (dict(num_steps=10, predictor_steps=1.5), "predictor_steps"),
+        (dict(num_steps=10, discretisation="trapezoid"), "discretisation"),
+    ],
+)
+def test_bad_options_raise_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DeerSolver(**kwargs)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: __check_init__ uses isinstance(x, int) / isinstance(x, (int, float)), "
+    "so NumPy scalars such as np.int64(10) or np.float32(1e-6) are rejected with a "
+    "message ('must be an integer >= 1; got np.int64(10)') that contradicts itself",
+)
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_steps=np.int64(10)),
+        dict(num_steps=10, max_iters=np.int32(5)),
+        dict(num_steps=10, rtol=np.float32(1e-6)),
+    ],
+    ids=["num_steps=np.int64", "max_iters=np.int32", "rtol=np.float32"],
+)
+def test_numpy_scalar_options_are_accepted(kwargs):
+    DeerSolver(**kwargs)
+
+
+def test_valid_options_construct():
+    DeerSolver(1)
+    DeerSolver(10, rtol=1e-8, atol=1e-9, max_iters=1, predictor_steps=0)
+    DeerSolver(10, predictor_steps=5)
+
+
+@pytest.mark.filterwarnings("ignore:Complex dtype support:UserWarning")
+def test_complex_state_raises_value_error():
+    y0 = jnp.array([1.0 + 1.0j, 0.5 - 0.2j])
+    with pytest.raises(ValueError, match="complex"):
+        trace_only(lambda: deer_solve(term=diffrax.ODETerm(lambda t, y, a: -y), y0=y0))
