@@ -188,13 +188,6 @@ def test_bad_options_raise_at_construction(kwargs, name):
         DeerSolver(**kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: __check_init__ uses isinstance(x, int) / isinstance(x, (int, float)), "
-    "so NumPy scalars such as np.int64(10) or np.float32(1e-6) are rejected with a "
-    "message ('must be an integer >= 1; got np.int64(10)') that contradicts itself",
-)
-@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -205,7 +198,11 @@ def test_bad_options_raise_at_construction(kwargs, name):
     ids=["num_steps=np.int64", "max_iters=np.int32", "rtol=np.float32"],
 )
 def test_numpy_scalar_options_are_accepted(kwargs):
-    DeerSolver(**kwargs)
+    solver = DeerSolver(**kwargs)
+    for name, value in kwargs.items():
+        converted = getattr(solver, name)
+        assert type(converted) in (int, float)
+        assert converted == value
 
 
 def test_valid_options_construct():

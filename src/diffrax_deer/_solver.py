@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from diffrax import RESULTS, AbstractSolver, AbstractTerm, MultiTerm, ODETerm
 from diffrax._term import AdjointTerm, WrapTerm
 from jax.flatten_util import ravel_pytree
@@ -75,6 +76,20 @@ def _check_ode_terms(terms: PyTree[AbstractTerm]) -> None:
             )
 
 
+def _as_python_number(value: Any) -> Any:
+    # NumPy scalars become Python numbers, so that they validate and are hashable
+    # static fields; anything else is left for `__check_init__` to judge.
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _option(**kwargs):
+    return eqx.field(static=True, converter=_as_python_number, **kwargs)
+
+
 class DeerSolver(AbstractSolver):
     r"""Solves an ODE over a whole window of steps at once, by DEER.
 
@@ -122,11 +137,11 @@ class DeerSolver(AbstractSolver):
         default.
     """
 
-    num_steps: int = eqx.field(static=True)
-    rtol: float | None = eqx.field(static=True, default=None)
-    atol: float | None = eqx.field(static=True, default=None)
-    max_iters: int = eqx.field(static=True, default=50)
-    predictor_steps: int | None = eqx.field(static=True, default=None)
+    num_steps: int = _option()
+    rtol: float | None = _option(default=None)
+    atol: float | None = _option(default=None)
+    max_iters: int = _option(default=50)
+    predictor_steps: int | None = _option(default=None)
     discretisation: AbstractDiscretisation = eqx.field(static=True, default=Trapezoid())
 
     term_structure: ClassVar = AbstractTerm
