@@ -180,7 +180,7 @@ def test_backsolve_adjoint_grad_raises_not_implemented():
         (dict(num_steps=10, atol=0.0), "atol"),
         (dict(num_steps=10, predictor_steps=-1), "predictor_steps"),
         (dict(num_steps=10, predictor_steps=1.5), "predictor_steps"),
-        (dict(num_steps=10, discretisation="trapezoid"), "discretisation"),
+        (dict(num_steps=10, method="trapezoid"), "method"),
     ],
 )
 def test_bad_options_raise_at_construction(kwargs, name):

@@ -2,17 +2,34 @@
 
 import importlib.metadata
 
+from ._collocation import (
+    AbstractCollocation as AbstractCollocation,
+    GaussLegendre as GaussLegendre,
+    RadauIIA as RadauIIA,
+    collocation_tableau as collocation_tableau,
+)
 from ._discretisation import (
     AbstractDiscretisation as AbstractDiscretisation,
+    AbstractLinearisation as AbstractLinearisation,
     BatchedLinearSolve as BatchedLinearSolve,
-    LinearisedSteps as LinearisedSteps,
 )
 from ._interpolation import DeerInterpolation as DeerInterpolation
 from ._newton import NewtonStats as NewtonStats, newton_solve as newton_solve
+from ._runge_kutta import ExplicitRungeKutta as ExplicitRungeKutta
 from ._scan import solve_affine_recurrence as solve_affine_recurrence
 from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
-from ._trapezoid import Trapezoid as Trapezoid
+from ._theta_method import (
+    AbstractThetaMethod as AbstractThetaMethod,
+    BackwardEuler as BackwardEuler,
+    Trapezoid as Trapezoid,
+)
 from ._window import solve_window as solve_window
+from ._xla_workaround import (
+    avoid_xla_cpu_scheduler_deadlock as _avoid_xla_cpu_scheduler_deadlock,
+)
+
+
+_avoid_xla_cpu_scheduler_deadlock()
 
 
 try:

@@ -2,38 +2,40 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, Inexact, PyTree
+from jaxtyping import Array, Inexact, PyTree, Real
 
 
 VectorField = Callable[[Array, Array, PyTree[Any]], Array]
+# The residual of every interval: (node part, shape (N, n); stage part or None).
+Residual = tuple[Inexact[Array, "steps n"], PyTree[Array] | None]
 
 
 def evaluate_nodes(
     vector_field: VectorField,
-    ts: Inexact[Array, " nodes"],
-    ys: Inexact[Array, "nodes n"],
+    ts: Real[Array, " points"],
+    ys: Inexact[Array, "points n"],
     args: PyTree[Any],
-) -> Inexact[Array, "nodes n"]:
-    """Evaluates `vector_field(t_i, y_i, args)` at every node at once."""
+) -> Inexact[Array, "points n"]:
+    """Evaluates `vector_field(t_i, y_i, args)` at every point at once."""
     return jax.vmap(vector_field, in_axes=(0, 0, None))(ts, ys, args)
 
 
 def evaluate_nodes_and_jacobians(
     vector_field: VectorField,
-    ts: Inexact[Array, " nodes"],
-    ys: Inexact[Array, "nodes n"],
+    ts: Real[Array, " points"],
+    ys: Inexact[Array, "points n"],
     args: PyTree[Any],
-) -> tuple[Inexact[Array, "nodes n"], Inexact[Array, "nodes n n"]]:
-    """Evaluates the vector field and its Jacobian in `y` at every node at once.
+) -> tuple[Inexact[Array, "points n"], Inexact[Array, "points n n"]]:
+    """Evaluates the vector field and its Jacobian in `y` at every point at once.
 
     The Jacobian comes from forward mode (`n` JVPs batched together); the value is
-    returned as auxiliary output so the vector field is evaluated once per node.
+    returned as auxiliary output so the vector field is evaluated once per point.
     """
 
     def value_and_jacobian(t, y):
@@ -56,18 +58,18 @@ class BatchedLinearSolve(eqx.Module):
 
     **Arguments:**
 
-    - `matrices`: the per-interval matrices $M_i$, shape `(N, n, n)`.
+    - `matrices`: the per-interval matrices $M_i$, shape `(N, m, m)`.
     """
 
     factorisations: Any
 
-    def __init__(self, matrices: Inexact[Array, "steps n n"]):
+    def __init__(self, matrices: Inexact[Array, "steps m m"]):
         def factorise(matrix):
             return lx.LU().init(lx.MatrixLinearOperator(matrix), {})
 
         self.factorisations = eqx.filter_vmap(factorise)(matrices)
 
-    def solve(self, vectors: Inexact[Array, "steps n"]) -> Inexact[Array, "steps n"]:
+    def solve(self, vectors: Inexact[Array, "steps m"]) -> Inexact[Array, "steps m"]:
         """Returns $M_i^{-1} v_i$ for every interval $i$."""
 
         def solve_one(factorisation, vector):
@@ -77,60 +79,104 @@ class BatchedLinearSolve(eqx.Module):
         return eqx.filter_vmap(solve_one)(self.factorisations, vectors)
 
     def solve_matrices(
-        self, matrices: Inexact[Array, "steps n n"]
-    ) -> Inexact[Array, "steps n n"]:
+        self, matrices: Inexact[Array, "steps m k"]
+    ) -> Inexact[Array, "steps m k"]:
         """Returns $M_i^{-1} B_i$ for every interval $i$ (column by column)."""
         solve_columns = jax.vmap(self.solve, in_axes=-1, out_axes=-1)
         return solve_columns(matrices)
 
 
-class LinearisedSteps(eqx.Module):
-    r"""The Newton system of a one-step discretisation, as an affine recurrence.
+class AbstractLinearisation(eqx.Module):
+    r"""The derivative of a discretisation's residual at one iterate.
 
-    Linearising the residual $r_i(y_i, y_{i+1})$ of every interval around the current
-    iterate gives $M_i \delta_{i+1} - P_i \delta_i = -r_i$, i.e.
-    $\delta_{i+1} = A_i \delta_i + M_i^{-1}(-r_i)$ with $A_i = M_i^{-1} P_i$.
-
-    **Arguments:**
-
-    - `transitions`: the matrices $A_i$, shape `(N, n, n)`.
-    - `step_solve`: the factorised $M_i$, to map a right-hand side $v_i$ to
-        $M_i^{-1} v_i$.
+    Solving $\partial R \,[\delta y, \delta z] = v$ (with $\delta y_0$ given, and
+    $\delta z$ any stage unknowns) is one affine recurrence over the nodes,
+    $\delta y_{i+1} = A_i \delta y_i + b_i(v)$, solved by a parallel scan, followed by
+    a per-interval back-substitution for the stages. Newton uses it with
+    $v = -R$; the implicit derivative with $v = -\partial_\theta R\,\dot\theta$.
     """
 
-    transitions: Inexact[Array, "steps n n"]
-    step_solve: BatchedLinearSolve
+    @abc.abstractmethod
+    def solve(
+        self, rhs: Residual, initial: Inexact[Array, " n"]
+    ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None]:
+        """Returns the node update (shape `(N + 1, n)`, starting at `initial`) and
+        the stage update (or `None`)."""
 
 
 class AbstractDiscretisation(eqx.Module):
     r"""A one-step discretisation of $y' = f(t, y)$ written as a residual per interval.
 
-    The residual $r_i$ of interval $[t_i, t_{i+1}]$ depends only on $y_i$ and
-    $y_{i+1}$ (stage values, if any, are eliminated inside the interval), which is
-    what makes each Newton step a linear recurrence over the nodes.
+    The residual of interval $[t_i, t_{i+1}]$ depends only on $y_i$, $y_{i+1}$ and
+    that interval's own stage unknowns (if any), which is what makes each Newton step
+    a linear recurrence over the nodes with $n \times n$ blocks.
     """
 
-    order: ClassVar[int]
+    @abc.abstractmethod
+    def order(self) -> int:
+        """The order of convergence of the discretisation."""
+
+    def init_stages(
+        self,
+        vector_field: VectorField,
+        ts: Real[Array, " nodes"],
+        ys: Inexact[Array, "nodes n"],
+        args: PyTree[Any],
+    ) -> PyTree[Array] | None:
+        """Initial stage unknowns from an initial guess of the nodes (none here)."""
+        del vector_field, ts, ys, args
+        return None
 
     @abc.abstractmethod
     def residual(
         self,
-        ts: Inexact[Array, " nodes"],
+        vector_field: VectorField,
+        ts: Real[Array, " nodes"],
         ys: Inexact[Array, "nodes n"],
-        fs: Inexact[Array, "nodes n"],
-    ) -> Inexact[Array, "steps n"]:
-        """The residual of every interval, given node values `ys` and the vector
-        field `fs` evaluated at them."""
+        stages: PyTree[Array] | None,
+        args: PyTree[Any],
+    ) -> Residual:
+        """The residual of every interval."""
 
     @abc.abstractmethod
     def linearise(
         self,
-        ts: Inexact[Array, " nodes"],
+        vector_field: VectorField,
+        ts: Real[Array, " nodes"],
         ys: Inexact[Array, "nodes n"],
-        jacobians: Inexact[Array, "nodes n n"],
-    ) -> LinearisedSteps:
-        """The derivative of the residual with respect to the node values, as the
-        affine recurrence of [`diffrax_deer.LinearisedSteps`][]."""
+        stages: PyTree[Array] | None,
+        args: PyTree[Any],
+    ) -> tuple[Residual, AbstractLinearisation]:
+        """The residual and its derivative in the unknowns at one iterate."""
+
+    def dense_info(
+        self,
+        vector_field: VectorField,
+        ts: Real[Array, " nodes"],
+        ys: Inexact[Array, "nodes n"],
+        stages: PyTree[Array] | None,
+        args: PyTree[Any],
+    ) -> PyTree[Array]:
+        """What [`diffrax_deer.AbstractDiscretisation.interpolate`][] needs besides
+        the nodes: by default the vector field at the nodes, for cubic Hermite."""
+        del stages
+        return evaluate_nodes(vector_field, ts, ys, args)
+
+    def interpolate(
+        self,
+        ys: Inexact[Array, "nodes n"],
+        dense_info: PyTree[Array],
+        t_start: Real[Array, ""],
+        spacing: Real[Array, ""],
+        t: Real[Array, ""],
+    ) -> Inexact[Array, " n"]:
+        """The solution at time `t` of a uniform grid starting at `t_start`; by
+        default cubic Hermite through the node values and derivatives."""
+        from ._hermite import hermite_on_uniform_grid
+
+        safe_spacing = jnp.where(spacing == 0, 1, spacing)
+        position = (t - t_start) / safe_spacing
+        return hermite_on_uniform_grid(ys, dense_info, position, spacing)
 
 
 def identity_like(jacobians: Inexact[Array, "... n n"]) -> Inexact[Array, "n n"]:

@@ -1,31 +1,40 @@
 """Dense output over a DEER window, for diffrax's `SaveAt` and `sol.evaluate`."""
 
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax import AbstractLocalInterpolation
-from jaxtyping import Array, PyTree, Real, Shaped
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Inexact, PyTree, Real, Shaped
 
-from ._hermite import hermite_on_uniform_grid
+from ._discretisation import AbstractDiscretisation
 
 
 class DeerInterpolation(AbstractLocalInterpolation):
-    r"""Piecewise cubic Hermite interpolation through the nodes of one window.
+    r"""Interpolation through the nodes of one window, by the window's method.
 
-    The window $[t_0, t_1]$ holds $N$ uniform intervals; on each, the cubic matching
-    $y$ and $y' = f(t, y)$ at both ends is used. It is $C^1$ and third-order
-    accurate, so it does not limit the accuracy of a second-order discretisation.
+    The window $[t_0, t_1]$ holds $N$ uniform intervals. By default (trapezoid,
+    backward Euler, collocation) each interval uses the cubic Hermite polynomial
+    matching $y$ and $y' = f(t, y)$ at both ends ($C^1$, third-order accurate); an
+    explicit diffrax solver uses its own interpolation.
 
     **Arguments:**
 
     - `t0`, `t1`: the window.
-    - `ys`: node values, each leaf with a leading axis of `N + 1` nodes.
-    - `fs`: the vector field at the nodes, same structure.
+    - `ys`: the node values, flattened, shape `(N + 1, n)`.
+    - `info`: what the method's `interpolate` needs (e.g. the vector field at the
+        nodes).
+    - `template`: zero-size arrays with the structure, shapes and dtypes of $y$, to
+        unflatten the result.
+    - `method`: the window's discretisation.
     """
 
     t0: Real[Array, ""]
     t1: Real[Array, ""]
-    ys: PyTree[Shaped[Array, "nodes ..."]]
-    fs: PyTree[Shaped[Array, "nodes ..."]]
+    ys: Inexact[Array, "nodes n"]
+    info: PyTree[Array]
+    template: PyTree[Shaped[Array, "0 ..."]]
+    method: AbstractDiscretisation = eqx.field(static=True)
 
     def evaluate(
         self, t0: Real[Array, ""], t1: Real[Array, ""] | None = None, left: bool = True
@@ -35,12 +44,16 @@ class DeerInterpolation(AbstractLocalInterpolation):
             return jtu.tree_map(
                 lambda a, b: a - b, self.evaluate(t1), self.evaluate(t0)
             )
-        num_intervals = jtu.tree_leaves(self.ys)[0].shape[0] - 1
+        num_intervals = self.ys.shape[0] - 1
         spacing = (self.t1 - self.t0) / num_intervals
-        safe_spacing = jnp.where(spacing == 0, 1, spacing)
-        position = (t0 - self.t0) / safe_spacing
-        return jtu.tree_map(
-            lambda y, f: hermite_on_uniform_grid(y, f, position, spacing),
-            self.ys,
-            self.fs,
+        y_flat = self.method.interpolate(self.ys, self.info, self.t0, spacing, t0)
+        example = jtu.tree_map(
+            lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), self.template
         )
+        _, unravel = ravel_pytree(example)
+        return unravel(y_flat)
+
+
+def structure_template(y: PyTree[Array]) -> PyTree[Shaped[Array, "0 ..."]]:
+    """Zero-size arrays that remember the structure, shapes and dtypes of `y`."""
+    return jtu.tree_map(lambda leaf: jnp.zeros((0,) + jnp.shape(leaf), leaf.dtype), y)

@@ -3,14 +3,10 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Inexact, Int, PyTree, Real
 
-from ._discretisation import (
-    AbstractDiscretisation,
-    VectorField,
-    evaluate_nodes_and_jacobians,
-)
-from ._scan import solve_affine_recurrence
+from ._discretisation import AbstractDiscretisation, VectorField
 
 
 class NewtonStats(eqx.Module):
@@ -34,6 +30,10 @@ class NewtonStats(eqx.Module):
     diverged: Bool[Array, ""]
 
 
+def _all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]))
+
+
 def _max_rms(x: Inexact[Array, "nodes n"]) -> Real[Array, ""]:
     return jnp.max(jnp.sqrt(jnp.mean(jnp.abs(x) ** 2, axis=-1)))
 
@@ -43,19 +43,21 @@ def newton_solve(
     discretisation: AbstractDiscretisation,
     ts: Inexact[Array, " nodes"],
     guess: Inexact[Array, "nodes n"],
+    stages: PyTree[Array] | None,
     args: PyTree,
     *,
     rtol: float,
     atol: float,
     max_iters: int,
-) -> tuple[Inexact[Array, "nodes n"], Inexact[Array, "nodes n"], NewtonStats]:
+) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
     r"""Solves $r_i(y_i, y_{i+1}) = 0$ for all intervals at once by Newton's method.
 
     `guess[0]` is the initial value and stays fixed. Each iteration evaluates $f$ and
-    $\partial f/\partial y$ at every node (vectorised), forms the affine recurrence
-    $\delta_{i+1} = A_i \delta_i - M_i^{-1} r_i$, $\delta_0 = 0$, solves it with a
-    parallel scan, and updates $y \leftarrow y + \delta$. It stops when the update is
-    within `atol + rtol * |y|` in the RMS norm at every node, at `max_iters`, or when
+    $\partial f/\partial y$ at every node or stage point (vectorised), forms the
+    affine recurrence $\delta_{i+1} = A_i \delta_i + b_i$, $\delta_0 = 0$, with
+    $b_i$ from $-r$, solves it with a parallel scan, and updates $y \leftarrow y +
+    \delta$ (and the stage unknowns, if any). It stops when the node update is within
+    `atol + rtol * |y|` in the RMS norm at every node, at `max_iters`, or when
     something becomes non-finite.
 
     This is pure JAX and knows nothing of diffrax. It is not meant to be
@@ -67,15 +69,15 @@ def newton_solve(
     - `discretisation`: the per-interval residual, e.g. [`diffrax_deer.Trapezoid`][].
     - `ts`: the `N + 1` grid nodes.
     - `guess`: the starting iterate, shape `(N + 1, n)`; `guess[0]` is $y_0$.
+    - `stages`: the starting stage unknowns, from `discretisation.init_stages`.
     - `args`: passed to `vector_field`.
     - `rtol`, `atol`: the stopping tolerances.
     - `max_iters`: the most Newton iterations to take.
 
     **Returns:**
 
-    The node values $y_i$, shape `(N + 1, n)`; the vector field there, $f(t_i, y_i)$,
-    to first order in the last update ($f + J\delta$: exact up to $O(|\delta|^2)$,
-    with no extra evaluation of $f$); and [`diffrax_deer.NewtonStats`][].
+    The node values $y_i$, shape `(N + 1, n)`; the stage unknowns (or `None`); and
+    [`diffrax_deer.NewtonStats`][].
     """
     real_dtype = jnp.finfo(guess.dtype).dtype
     zero_update = jnp.zeros(guess.shape[1:], guess.dtype)
@@ -85,30 +87,34 @@ def newton_solve(
         return (num_iters < max_iters) & (update_norm > 1) & finite
 
     def body_fun(carry):
-        num_iters, ys, _, _, _, _ = carry
-        fs, jacobians = evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
-        residual = discretisation.residual(ts, ys, fs)
-        linearised = discretisation.linearise(ts, ys, jacobians)
-        offsets = -linearised.step_solve.solve(residual)
-        update = solve_affine_recurrence(linearised.transitions, offsets, zero_update)
+        num_iters, ys, stages, _, _, _ = carry
+        residual, linearisation = discretisation.linearise(
+            vector_field, ts, ys, stages, args
+        )
+        negative_residual = jtu.tree_map(jnp.negative, residual)
+        update, stage_update = linearisation.solve(negative_residual, zero_update)
         new_ys = ys + update
+        new_stages = jtu.tree_map(jnp.add, stages, stage_update)
         scale = atol + rtol * jnp.maximum(jnp.abs(ys), jnp.abs(new_ys))
         update_norm = _max_rms(update / scale)
-        finite = jnp.isfinite(update_norm) & jnp.all(jnp.isfinite(new_ys))
-        ys = jnp.where(finite, new_ys, ys)
-        fs = jnp.where(finite, fs + (jacobians @ update[..., None])[..., 0], fs)
+        finite = jnp.isfinite(update_norm) & _all_finite((new_ys, new_stages))
+        ys, stages = jtu.tree_map(
+            lambda new, old: jnp.where(finite, new, old),
+            (new_ys, new_stages),
+            (ys, stages),
+        )
         update_norm = jnp.where(finite, update_norm, jnp.inf)
-        return num_iters + 1, ys, fs, update_norm, _max_rms(residual), finite
+        return num_iters + 1, ys, stages, update_norm, _max_rms(residual[0]), finite
 
     init = (
         jnp.array(0, jnp.int32),
         guess,
-        jnp.zeros_like(guess),
+        stages,
         jnp.array(jnp.inf, real_dtype),
         jnp.array(jnp.inf, real_dtype),
         jnp.array(True),
     )
-    num_iters, ys, fs, update_norm, residual_norm, finite = jax.lax.while_loop(
+    num_iters, ys, stages, update_norm, residual_norm, finite = jax.lax.while_loop(
         cond_fun, body_fun, init
     )
     stats = NewtonStats(
@@ -118,4 +124,4 @@ def newton_solve(
         converged=finite & (update_norm <= 1),
         diverged=~finite,
     )
-    return ys, fs, stats
+    return ys, stages, stats

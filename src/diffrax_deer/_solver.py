@@ -1,9 +1,9 @@
 """`DeerSolver`: the diffrax adapter around the DEER window solve."""
 
+import functools
 from typing import Any, ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -13,9 +13,10 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Int, PyTree, Real
 
 from ._discretisation import AbstractDiscretisation
-from ._interpolation import DeerInterpolation
+from ._interpolation import DeerInterpolation, structure_template
 from ._predictor import default_predictor_steps
-from ._trapezoid import Trapezoid
+from ._runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
+from ._theta_method import Trapezoid
 from ._window import solve_window
 
 
@@ -86,6 +87,13 @@ def _as_python_number(value: Any) -> Any:
     return value
 
 
+def _as_method(value: Any) -> Any:
+    # A diffrax explicit solver becomes the one-step map of an explicit scheme.
+    if isinstance(value, EXPLICIT_SOLVERS):
+        return ExplicitRungeKutta(value)
+    return value
+
+
 def _option(**kwargs):
     return eqx.field(static=True, converter=_as_python_number, **kwargs)
 
@@ -97,7 +105,8 @@ class DeerSolver(AbstractSolver):
     `num_steps` uniform intervals, $t_i = t_0 + i (t_1 - t_0) / N$, and solves for all
     nodes at once: Newton's method on the stacked residual
     $r_i = y_{i+1} - y_i - \tfrac{h}{2}(f(t_i, y_i) + f(t_{i+1}, y_{i+1}))$ (the
-    implicit trapezoidal rule), where each Newton step is the linear recurrence
+    implicit trapezoidal rule, or the residual of another `method`), where each
+    Newton step is the linear recurrence
     $\delta_{i+1} = A_i \delta_i + b_i$, solved by a parallel associative scan in
     $O(\log N)$ depth. Newton starts from a coarse RK4 solve interpolated onto the
     grid. Derivatives use the implicit function theorem at the converged trajectory:
@@ -107,7 +116,8 @@ class DeerSolver(AbstractSolver):
     window; a smaller `dt0` gives consecutive windows, each solved in parallel in
     time. Shorter windows are the remedy when Newton does not converge (chaotic
     dynamics over a long window). Values between nodes (`SaveAt(ts=...)`,
-    `SaveAt(dense=True)`) come from cubic Hermite interpolation. With
+    `SaveAt(dense=True)`) come from cubic Hermite interpolation (or an explicit
+    solver's own interpolation). With
     `SaveAt(dense=True)` set `max_steps` to the number of windows: diffrax stores
     every window's nodes, `max_steps` times.
 
@@ -133,8 +143,14 @@ class DeerSolver(AbstractSolver):
     - `predictor_steps`: sequential RK4 steps of the initial guess; `None` uses
         `max(64, num_steps // 16)` (at most `num_steps`), `0` starts from `y0` at
         every node.
-    - `discretisation`: the one-step scheme; the implicit trapezoidal rule by
-        default.
+    - `method`: the one-step scheme. The implicit trapezoidal rule
+        ([`diffrax_deer.Trapezoid`][], 2nd order, A-stable) by default;
+        [`diffrax_deer.BackwardEuler`][] (1st, L-stable),
+        [`diffrax_deer.GaussLegendre`][] (`stages=2`, `3`: 4th, 6th order) and
+        [`diffrax_deer.RadauIIA`][] (`stages=3`: 5th order, L-stable, stiff
+        problems); or any diffrax explicit Runge-Kutta solver, e.g.
+        `diffrax.Tsit5()`, whose step becomes the one-step map (the converged result
+        equals that solver's sequential solve on the same grid).
     """
 
     num_steps: int = _option()
@@ -142,10 +158,15 @@ class DeerSolver(AbstractSolver):
     atol: float | None = _option(default=None)
     max_iters: int = _option(default=50)
     predictor_steps: int | None = _option(default=None)
-    discretisation: AbstractDiscretisation = eqx.field(static=True, default=Trapezoid())
+    method: AbstractDiscretisation = eqx.field(
+        static=True, default=Trapezoid(), converter=_as_method
+    )
 
     term_structure: ClassVar = AbstractTerm
-    interpolation_cls: ClassVar = DeerInterpolation
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return functools.partial(DeerInterpolation, method=self.method)
 
     def __check_init__(self):
         def is_positive_int(x):
@@ -175,14 +196,16 @@ class DeerSolver(AbstractSolver):
                 raise ValueError(
                     f"`{name}` must be a positive float or None; got {value!r}."
                 )
-        if not isinstance(self.discretisation, AbstractDiscretisation):
+        if not isinstance(self.method, AbstractDiscretisation):
             raise ValueError(
-                "`discretisation` must be a `diffrax_deer.AbstractDiscretisation`, "
-                f"such as `diffrax_deer.Trapezoid()`; got {self.discretisation!r}."
+                "`method` must be a diffrax-deer discretisation (`Trapezoid()`, "
+                "`BackwardEuler()`, `GaussLegendre(stages=2 or 3)`, "
+                "`RadauIIA(stages=3)`) or a diffrax explicit Runge-Kutta solver "
+                f"(e.g. `diffrax.Tsit5()`); got {self.method!r}."
             )
 
     def order(self, terms: PyTree[AbstractTerm]) -> int:
-        return self.discretisation.order
+        return self.method.order()
 
     def init(self, terms, t0, t1, y0, args) -> DeerState:
         _check_ode_terms(terms)
@@ -206,7 +229,6 @@ class DeerSolver(AbstractSolver):
         del made_jump
         y0_flat, unravel = ravel_pytree(y0)
         dtype = y0_flat.dtype
-        unravel_nodes = jax.vmap(unravel)
         # For ODE terms the control over [0, 1] is the time direction (+-1), so
         # `vf_prod` with it is dy/dt in diffrax's normalised, increasing time.
         unit_control = terms.contr(jnp.zeros((), dtype), jnp.ones((), dtype))
@@ -224,9 +246,9 @@ class DeerSolver(AbstractSolver):
             predictor_steps = default_predictor_steps(self.num_steps)
         else:
             predictor_steps = self.predictor_steps
-        ys, fs, stats = solve_window(
+        ys, stages, stats = solve_window(
             vector_field,
-            self.discretisation,
+            self.method,
             ts,
             y0_flat,
             args,
@@ -251,7 +273,11 @@ class DeerSolver(AbstractSolver):
             update_norm=stats.update_norm.astype(dtype),
             residual_norm=stats.residual_norm.astype(dtype),
         )
-        dense_info = dict(ys=unravel_nodes(ys), fs=unravel_nodes(fs))
+        dense_info = dict(
+            ys=ys,
+            info=self.method.dense_info(vector_field, ts, ys, stages, args),
+            template=structure_template(y0),
+        )
         y1 = unravel(ys[-1])
         return y1, None, dense_info, new_state, result
 

@@ -7,15 +7,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Inexact, PyTree
 
-from ._discretisation import (
-    AbstractDiscretisation,
-    VectorField,
-    evaluate_nodes,
-    evaluate_nodes_and_jacobians,
-)
+from ._discretisation import AbstractDiscretisation, VectorField
 from ._newton import NewtonStats, newton_solve
 from ._predictor import coarse_rk4_guess, constant_guess
-from ._scan import solve_affine_recurrence
 
 
 class _WindowConfig(eqx.Module):
@@ -38,11 +32,13 @@ def _solve_window(vector_field, ts, y0, args, guess, config: _WindowConfig):
         else:
             guess = coarse_rk4_guess(vector_field, ts, y0, args, config.predictor_steps)
     guess = guess.at[0].set(y0)
+    stages = config.discretisation.init_stages(vector_field, ts, guess, args)
     return newton_solve(
         vector_field,
         config.discretisation,
         ts,
         guess,
+        stages,
         args,
         rtol=config.rtol,
         atol=config.atol,
@@ -57,12 +53,13 @@ def _solve_window_jvp(primals, tangents):
     At the solution, $R(y^*, \theta) = 0$ with $\theta$ = (vector field parameters,
     grid, args). So $\partial_y R \, \dot y = -\partial_\theta R \, \dot\theta$ with
     $\dot y_0$ given: the same recurrence as a Newton step, with the residual replaced
-    by $c = \partial_\theta R\,\dot\theta$, evaluated once at $y^*$. JAX transposes
+    by $c = \partial_\theta R\,\dot\theta$, evaluated once at $y^*$ (and any stage
+    unknowns, eliminated per interval as in Newton). JAX transposes
     it (a reverse scan) for reverse mode; the Newton loop is never differentiated.
     """
     vector_field, ts, y0, args, guess, config = primals
     t_vector_field, t_ts, t_y0, t_args, _, _ = tangents
-    ys, fs, stats = _solve_window(vector_field, ts, y0, args, guess, config)
+    ys, stages, stats = _solve_window(vector_field, ts, y0, args, guess, config)
     discretisation = config.discretisation
 
     params = (vector_field, ts, args)
@@ -70,24 +67,17 @@ def _solve_window_jvp(primals, tangents):
     no_tangent = jtu.tree_map(_is_none, t_params, is_leaf=_is_none)
     nondiff, diff = eqx.partition(params, no_tangent, is_leaf=_is_none)
 
-    def fs_and_residual_at_solution(_diff):
+    def residual_at_solution(_diff):
         _vector_field, _ts, _args = eqx.combine(_diff, nondiff)
-        _fs = evaluate_nodes(_vector_field, _ts, ys, _args)
-        return _fs, discretisation.residual(_ts, ys, _fs)
+        return discretisation.residual(_vector_field, _ts, ys, stages, _args)
 
-    _, (t_fs_at_fixed_ys, t_residual) = jax.jvp(
-        fs_and_residual_at_solution, (diff,), (t_params,)
-    )
-    _, jacobians = evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
-    linearised = discretisation.linearise(ts, ys, jacobians)
+    _, t_residual = jax.jvp(residual_at_solution, (diff,), (t_params,))
+    _, linearisation = discretisation.linearise(vector_field, ts, ys, stages, args)
     if t_y0 is None:
         t_y0 = jnp.zeros_like(y0)
-    t_ys = solve_affine_recurrence(
-        linearised.transitions, -linearised.step_solve.solve(t_residual), t_y0
-    )
-    t_fs = t_fs_at_fixed_ys + (jacobians @ t_ys[..., None])[..., 0]
+    t_ys, t_stages = linearisation.solve(jtu.tree_map(jnp.negative, t_residual), t_y0)
     t_stats = jax.custom_derivatives.zero_from_primal(stats, symbolic_zeros=True)
-    return (ys, fs, stats), (t_ys, t_fs, t_stats)
+    return (ys, stages, stats), (t_ys, t_stages, t_stats)
 
 
 def solve_window(
@@ -102,7 +92,7 @@ def solve_window(
     atol: float,
     max_iters: int,
     predictor_steps: int,
-) -> tuple[Inexact[Array, "nodes n"], Inexact[Array, "nodes n"], NewtonStats]:
+) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
     r"""Solves $y' = f(t, y)$, $y(t_0) = y_0$ on every node of `ts` at once.
 
     Discretises with `discretisation`, takes the initial guess from `guess` or from
@@ -126,8 +116,8 @@ def solve_window(
 
     **Returns:**
 
-    The node values, shape `(N + 1, n)`, the vector field at them (as
-    [`diffrax_deer.newton_solve`][]), and [`diffrax_deer.NewtonStats`][].
+    The node values, shape `(N + 1, n)`, the stage unknowns of the discretisation
+    (or `None`), and [`diffrax_deer.NewtonStats`][].
     """
     # Lift closed-over arrays (e.g. a neural network's weights) into explicit inputs,
     # so that the custom derivative sees, and differentiates, them.

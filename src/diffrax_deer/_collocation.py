@@ -1,0 +1,256 @@
+"""Collocation methods (Gauss-Legendre, Radau IIA), stages eliminated per interval."""
+
+import functools
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Inexact
+
+from ._discretisation import (
+    AbstractDiscretisation,
+    AbstractLinearisation,
+    BatchedLinearSolve,
+    evaluate_nodes,
+    evaluate_nodes_and_jacobians,
+    identity_like,
+)
+from ._scan import solve_affine_recurrence
+
+
+@functools.cache
+def collocation_tableau(family: str, stages: int):
+    r"""The exact Butcher tableau $(c, A, b)$ of a collocation method, from sympy.
+
+    The nodes $c$ are the roots of the shifted Legendre polynomial $P_s(2x - 1)$
+    (Gauss-Legendre) or of $P_s(2x - 1) - P_{s-1}(2x - 1)$ (Radau IIA, $c_s = 1$).
+    With $\ell_j$ the Lagrange basis on $c$, $a_{ij} = \int_0^{c_i} \ell_j$ and
+    $b_j = \int_0^1 \ell_j$.
+
+    **Arguments:**
+
+    - `family`: `"gauss-legendre"` or `"radau-iia"`.
+    - `stages`: the number of stages $s$.
+
+    **Returns:**
+
+    `(c, A, b)` as tuples of sympy expressions (exact).
+    """
+    import sympy
+
+    x = sympy.Symbol("x")
+    if family == "gauss-legendre":
+        polynomial = sympy.legendre(stages, 2 * x - 1)
+    elif family == "radau-iia":
+        polynomial = sympy.legendre(stages, 2 * x - 1) - sympy.legendre(
+            stages - 1, 2 * x - 1
+        )
+    else:
+        raise ValueError(f"Unknown collocation family {family!r}.")
+    roots = sympy.Poly(sympy.expand(polynomial), x).all_roots()
+    c = tuple(sorted((sympy.nsimplify(sympy.radsimp(r)) for r in roots), key=float))
+
+    def lagrange(j):
+        basis = sympy.Integer(1)
+        for m, c_m in enumerate(c):
+            if m != j:
+                basis *= (x - c_m) / (c[j] - c_m)
+        return sympy.expand(basis)
+
+    bases = [lagrange(j) for j in range(stages)]
+    a = tuple(
+        tuple(
+            sympy.simplify(sympy.integrate(bases[j], (x, 0, c_i)))
+            for j in range(stages)
+        )
+        for c_i in c
+    )
+    b = tuple(
+        sympy.simplify(sympy.integrate(bases[j], (x, 0, 1))) for j in range(stages)
+    )
+    return c, a, b
+
+
+def _as_float_arrays(tableau):
+    c, a, b = tableau
+
+    def to_float(value):
+        return float(value.evalf(30))
+
+    return (
+        np.array([to_float(ci) for ci in c]),
+        np.array([[to_float(aij) for aij in row] for row in a]),
+        np.array([to_float(bj) for bj in b]),
+    )
+
+
+class CollocationLinearisation(AbstractLinearisation):
+    r"""The Newton system of an $s$-stage collocation method, stages eliminated.
+
+    Per interval, with stage slopes $K_{ij}$ at $Y_{ij} = y_i + h \sum_l a_{jl} K_{il}$
+    and $J_{ij} = \partial f / \partial y (Y_{ij})$:
+    $S_i \,\delta K_i = v^K_i + \bar J_i \delta y_i$ with $S_i = I - h (a_{jl}
+    J_{ij})_{jl}$ ($sn \times sn$, factorised once) and $\bar J_i$ the stacked
+    $J_{ij}$; then $\delta y_{i+1} = A_i \delta y_i + v^y_i + h \sum_j b_j
+    (S_i^{-1} v^K_i)_j$ with $A_i = I + h \sum_j b_j (S_i^{-1} \bar J_i)_j$.
+    """
+
+    transitions: Inexact[Array, "steps n n"]
+    stage_solve: BatchedLinearSolve
+    stage_sensitivities: Inexact[Array, "steps stages n n"]
+    weighted_steps: Inexact[Array, "steps stages"]
+
+    def solve(self, rhs, initial):
+        rhs_nodes, rhs_stages = rhs
+        num_steps, num_stages, size = rhs_stages.shape
+        stage_particular = self.stage_solve.solve(
+            rhs_stages.reshape(num_steps, num_stages * size)
+        ).reshape(num_steps, num_stages, size)
+        offsets = rhs_nodes + jnp.einsum(
+            "is,isn->in", self.weighted_steps, stage_particular
+        )
+        delta_ys = solve_affine_recurrence(self.transitions, offsets, initial)
+        delta_stages = stage_particular + jnp.einsum(
+            "isnm,im->isn", self.stage_sensitivities, delta_ys[:-1]
+        )
+        return delta_ys, delta_stages
+
+
+class AbstractCollocation(AbstractDiscretisation):
+    """An $s$-stage collocation method; the stage slopes are Newton unknowns too."""
+
+    stages: int = eqx.field(static=True)
+    family: ClassVar[str]
+
+    def _tableau(self):
+        return _as_float_arrays(collocation_tableau(self.family, self.stages))
+
+    def _stage_points(self, ts, ys, stages):
+        c, a, _ = self._tableau()
+        steps = ts[1:] - ts[:-1]
+        dtype = ys.dtype
+        stage_ts = ts[:-1, None] + steps[:, None] * jnp.asarray(c, ts.dtype)
+        stage_ys = ys[:-1, None, :] + steps[:, None, None] * jnp.einsum(
+            "jl,iln->ijn", jnp.asarray(a, dtype), stages
+        )
+        return stage_ts, stage_ys
+
+    def _evaluate(self, evaluate, vector_field, stage_ts, stage_ys, args):
+        num_steps, num_stages, size = stage_ys.shape
+        out = evaluate(
+            vector_field,
+            stage_ts.reshape(-1),
+            stage_ys.reshape(-1, size),
+            args,
+        )
+        if isinstance(out, tuple):
+            values, jacobians = out
+            return (
+                values.reshape(num_steps, num_stages, size),
+                jacobians.reshape(num_steps, num_stages, size, size),
+            )
+        return out.reshape(num_steps, num_stages, size)
+
+    def _node_residual(self, ts, ys, stages):
+        _, _, b = self._tableau()
+        steps = (ts[1:] - ts[:-1])[:, None]
+        increments = jnp.einsum("j,ijn->in", jnp.asarray(b, ys.dtype), stages)
+        return ys[1:] - ys[:-1] - steps * increments
+
+    def init_stages(self, vector_field, ts, ys, args):
+        # Stage slopes from the guess interpolated linearly across each interval.
+        c, _, _ = self._tableau()
+        steps = ts[1:] - ts[:-1]
+        c = jnp.asarray(c, ys.dtype)
+        stage_ts = ts[:-1, None] + steps[:, None] * c
+        stage_ys = ys[:-1, None, :] + c[None, :, None] * (ys[1:] - ys[:-1])[:, None]
+        return self._evaluate(evaluate_nodes, vector_field, stage_ts, stage_ys, args)
+
+    def residual(self, vector_field, ts, ys, stages, args):
+        stage_ts, stage_ys = self._stage_points(ts, ys, stages)
+        fs = self._evaluate(evaluate_nodes, vector_field, stage_ts, stage_ys, args)
+        return self._node_residual(ts, ys, stages), stages - fs
+
+    def linearise(self, vector_field, ts, ys, stages, args):
+        _, a, b = self._tableau()
+        num_steps, num_stages, size = stages.shape
+        stage_ts, stage_ys = self._stage_points(ts, ys, stages)
+        fs, jacobians = self._evaluate(
+            evaluate_nodes_and_jacobians, vector_field, stage_ts, stage_ys, args
+        )
+        steps = (ts[1:] - ts[:-1]).astype(ys.dtype)
+        identity = identity_like(jacobians)
+        a = jnp.asarray(a, ys.dtype)
+        # S[i, j, :, l, :] = delta_jl I - h_i a_jl J_ij
+        stage_matrices = jnp.einsum(
+            "jl,nm->jnlm", jnp.eye(num_stages, dtype=ys.dtype), identity
+        ) - jnp.einsum("i,jl,ijnm->ijnlm", steps, a, jacobians)
+        stage_matrices = stage_matrices.reshape(
+            num_steps, num_stages * size, num_stages * size
+        )
+        stage_solve = BatchedLinearSolve(stage_matrices)
+        stage_sensitivities = stage_solve.solve_matrices(
+            jacobians.reshape(num_steps, num_stages * size, size)
+        ).reshape(num_steps, num_stages, size, size)
+        weighted_steps = steps[:, None] * jnp.asarray(b, ys.dtype)
+        transitions = identity + jnp.einsum(
+            "is,isnm->inm", weighted_steps, stage_sensitivities
+        )
+        linearisation = CollocationLinearisation(
+            transitions=transitions,
+            stage_solve=stage_solve,
+            stage_sensitivities=stage_sensitivities,
+            weighted_steps=weighted_steps,
+        )
+        residual = (self._node_residual(ts, ys, stages), stages - fs)
+        return residual, linearisation
+
+
+def _check_stages(method, allowed):
+    if method.stages not in allowed:
+        raise ValueError(
+            f"`{type(method).__name__}(stages=...)` supports stages in "
+            f"{sorted(allowed)}; got {method.stages!r}."
+        )
+
+
+class GaussLegendre(AbstractCollocation):
+    r"""Gauss-Legendre collocation: order $2s$, A-stable, symplectic.
+
+    `GaussLegendre(stages=2)` is 4th order, `GaussLegendre(stages=3)` 6th order. The
+    coefficients are derived exactly with sympy (roots of shifted Legendre
+    polynomials). Each Newton iteration evaluates the Jacobian at the $s$ stage
+    points of every interval and factorises one $sn \times sn$ matrix per interval.
+
+    **Arguments:**
+
+    - `stages`: 1, 2 or 3.
+    """
+
+    family: ClassVar[str] = "gauss-legendre"
+
+    def __check_init__(self):
+        _check_stages(self, {1, 2, 3})
+
+    def order(self) -> int:
+        return 2 * self.stages
+
+
+class RadauIIA(AbstractCollocation):
+    r"""Radau IIA collocation: order $2s - 1$, L-stable, for stiff problems.
+
+    `RadauIIA(stages=3)` is 5th order, the method of `scipy`'s and Hairer's RADAU5.
+
+    **Arguments:**
+
+    - `stages`: 1 (backward Euler), 2 or 3.
+    """
+
+    family: ClassVar[str] = "radau-iia"
+
+    def __check_init__(self):
+        _check_stages(self, {1, 2, 3})
+
+    def order(self) -> int:
+        return 2 * self.stages - 1
