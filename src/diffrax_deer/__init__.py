@@ -24,12 +24,6 @@ from ._theta_method import (
     Trapezoid as Trapezoid,
 )
 from ._window import solve_window as solve_window
-from ._xla_workaround import (
-    avoid_xla_cpu_scheduler_deadlock as _avoid_xla_cpu_scheduler_deadlock,
-)
-
-
-_avoid_xla_cpu_scheduler_deadlock()
 
 
 try:

@@ -50,40 +50,46 @@ def evaluate_nodes_and_jacobians(
 
 
 class BatchedLinearSolve(eqx.Module):
-    r"""One LU factorisation per interval, $M_i$, to apply $M_i^{-1}$ many times.
+    r"""Applies $M_i^{-1}$ for every interval $i$, with one factorisation each.
 
-    The factorisations are made once per Newton iteration (or once per derivative
-    evaluation) with `lineax.LU`, batched over intervals, and reused for every
-    right-hand side: the transition matrices, the residual and tangents.
+    Each $M_i$ is factorised by `lineax.LU` (batched over intervals) and inverted
+    once, by solving against the identity; every later right-hand side (the
+    transition matrices, the residual, tangents) is then a batched matrix product.
+    The blocks are small ($n \times n$, or $sn \times sn$ with stages), so the
+    explicit inverse costs no more than the solves it replaces and keeps a single
+    LAPACK call per linearisation: several independent batched triangular solves
+    in one Newton step were what let XLA:CPU's concurrent scheduler deadlock.
 
     **Arguments:**
 
     - `matrices`: the per-interval matrices $M_i$, shape `(N, m, m)`.
     """
 
-    factorisations: Any
+    inverses: Inexact[Array, "steps m m"]
 
     def __init__(self, matrices: Inexact[Array, "steps m m"]):
-        def factorise(matrix):
-            return lx.LU().init(lx.MatrixLinearOperator(matrix), {})
+        def invert(matrix):
+            operator = lx.MatrixLinearOperator(matrix)
+            factorisation = lx.LU().init(operator, {})
 
-        self.factorisations = eqx.filter_vmap(factorise)(matrices)
+            def solve_column(column):
+                solution, _, _ = lx.LU().compute(factorisation, column, {})
+                return solution
+
+            identity = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+            return jax.vmap(solve_column, in_axes=1, out_axes=1)(identity)
+
+        self.inverses = jax.vmap(invert)(matrices)
 
     def solve(self, vectors: Inexact[Array, "steps m"]) -> Inexact[Array, "steps m"]:
         """Returns $M_i^{-1} v_i$ for every interval $i$."""
-
-        def solve_one(factorisation, vector):
-            solution, _, _ = lx.LU().compute(factorisation, vector, {})
-            return solution
-
-        return eqx.filter_vmap(solve_one)(self.factorisations, vectors)
+        return jnp.einsum("imk,ik->im", self.inverses, vectors)
 
     def solve_matrices(
         self, matrices: Inexact[Array, "steps m k"]
     ) -> Inexact[Array, "steps m k"]:
-        """Returns $M_i^{-1} B_i$ for every interval $i$ (column by column)."""
-        solve_columns = jax.vmap(self.solve, in_axes=-1, out_axes=-1)
-        return solve_columns(matrices)
+        """Returns $M_i^{-1} B_i$ for every interval $i$."""
+        return self.inverses @ matrices
 
 
 class AbstractLinearisation(eqx.Module):
