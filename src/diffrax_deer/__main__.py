@@ -1,12 +1,30 @@
-"""Command line: `python -m diffrax_deer` (or `diffrax-deer`)."""
+"""Command line: `python -m diffrax_deer` (or `diffrax-deer`).
+
+Sub-commands: `demo` (the default), `validate` and `bench`. Nothing here imports JAX
+before the arguments are parsed, so `--help` and bad options answer at once.
+"""
 
 import argparse
+import os
+import shlex
 import sys
+
+from ._cli_options import METHODS, PROBLEMS, QUICK_CASES
+
+
+SUBCOMMANDS = ("demo", "validate", "bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _positive_int(text: str) -> int:
     try:
-        value = int(text)
+        value = int(float(text)) if "e" in text.lower() else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
@@ -14,48 +32,260 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _choice_list(choices, what: str):
+    def parse(text: str) -> list[str]:
+        if text == "all":
+            return list(choices)
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
+                f"choose from {', '.join(choices)} or all"
+            )
+        return names
+
+    return parse
+
+
+def _size_list(text: str) -> list[int]:
+    return [_positive_int(item) for item in text.split(",") if item.strip()]
+
+
+def _method_help() -> str:
+    names = ", ".join(f"{name} ({order})" for name, (_, order) in METHODS.items())
+    return (
+        f"One of (order in brackets): {names}. The first five are diffrax-deer's "
+        "implicit methods; the others use that diffrax explicit solver's step as "
+        "DEER's one-step map."
+    )
+
+
+def _writable_path(text: str) -> str:
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"directory {directory!r} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (no JAX import)."""
+    parser = _Parser(
         prog="diffrax-deer",
         description=(
-            "Solve a NeuralODE-style problem with DeerSolver (DEER: Newton over the "
-            "whole time grid with a parallel scan) and with diffrax's Tsit5, and "
-            "compare error and speed."
+            "DeerSolver (DEER: Newton over the whole time grid with a parallel "
+            "scan) for diffrax. Without a sub-command, runs `demo`."
+        ),
+        epilog="Run `diffrax-deer SUBCOMMAND --help` for a sub-command's options.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=__version__)
+    subcommands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+
+    demo = subcommands.add_parser(
+        "demo",
+        help="compare DeerSolver with Tsit5 on an MLP vector field (default)",
+        description=(
+            "Solve a NeuralODE-style problem (MLP 2-64-64-2 field, t in [0, 10]) "
+            "with DeerSolver (one window), with Tsit5 on the same grid and with "
+            "a tight adaptive Tsit5 reference. Print max errors against the "
+            "reference, Newton iterations, compile and run times, and whether "
+            "DeerSolver agrees with the reference within its method's expected "
+            "error. Exit status 0 when it agrees, 1 when not."
         ),
     )
-    subcommands = parser.add_subparsers(dest="command")
-    demo = subcommands.add_parser(
-        "demo", help="compare DeerSolver with Tsit5 on an MLP vector field (default)"
+    demo.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="trapezoid",
+        metavar="NAME",
+        help=f"DeerSolver's discretisation (default: trapezoid). {_method_help()}",
     )
-    for sub in (parser, demo):
-        sub.add_argument(
-            "--num-steps",
-            type=_positive_int,
-            default=10_000,
-            help="intervals in DeerSolver's window and Tsit5 fixed steps "
-            "(default: 10000)",
-        )
-        sub.add_argument(
-            "--float32",
-            action="store_true",
-            help="solve in float32 (default: float64)",
-        )
-        sub.add_argument(
-            "--repeats",
-            type=_positive_int,
-            default=5,
-            help="timed runs after compilation; the median is shown (default: 5)",
-        )
+    demo.add_argument(
+        "--num-steps",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="intervals in DeerSolver's window and Tsit5's fixed steps "
+        "(default: 10000)",
+    )
+    demo.add_argument(
+        "--float32",
+        action="store_true",
+        help="solve in float32 (default: float64; the reference is float64)",
+    )
+    demo.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="timed runs after compilation; the median is shown (default: 5)",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead"
+    )
+    demo.add_argument(
+        "--plot",
+        type=_writable_path,
+        metavar="PATH",
+        help="draw both trajectories and the error over time into PATH (a .png; "
+        "needs matplotlib)",
+    )
+
+    validate = subcommands.add_parser(
+        "validate",
+        help="check every method on named problems against trusted answers",
+        description=(
+            "Solve named problems with DeerSolver for every method and compare with "
+            "a trusted answer: the matrix exponential for the linear problem, "
+            "Tsit5 at rtol = atol = 1e-12 for the nonlinear ones. Each method must "
+            "converge and stay within (rate h)^order x rate T x max|y| (at least "
+            "1e-9 max|y|), a bound derived from its order, its step h, the "
+            "horizon T and the problem's rate. Print a table; "
+            "exit status 1 when any is out of tolerance. Progress goes to stderr. "
+            f"Problems: {'; '.join(f'{k}: {v}' for k, v in PROBLEMS.items())}."
+        ),
+    )
+    validate.add_argument(
+        "--quick",
+        action="store_true",
+        help="small grids; without --problems/--methods only the cases "
+        + ", ".join(f"{p}/{m}" for p, m in QUICK_CASES)
+        + " (about half a minute on 2 CPU cores)",
+    )
+    validate.add_argument(
+        "--problems",
+        type=_choice_list(tuple(PROBLEMS), "problem"),
+        metavar="LIST",
+        help=f"comma-separated problems (default: all): {', '.join(PROBLEMS)}",
+    )
+    validate.add_argument(
+        "--methods",
+        type=_choice_list(tuple(METHODS), "method"),
+        metavar="LIST",
+        help=f"comma-separated methods (default: all): {', '.join(METHODS)}",
+    )
+    validate.add_argument(
+        "--num-steps",
+        type=_positive_int,
+        metavar="N",
+        help="one grid for every problem (default: per problem, 1000 or 2000; "
+        "200 or 400 with --quick)",
+    )
+    validate.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead"
+    )
+
+    bench = subcommands.add_parser(
+        "bench",
+        help="time DeerSolver against Tsit5 (forward solves), Markdown table",
+        description=(
+            "Time DeerSolver (one window of N intervals) against Tsit5 on the same "
+            "grid and against adaptive Tsit5 at matched accuracy, on the demo's MLP "
+            "field: compile and run times, max errors, Newton iterations. Progress "
+            "on stderr; a Markdown table on stdout. This is the package's copy of "
+            "benchmarks/forward.py (the benchmarks/ folder of a source checkout "
+            "holds the full suites). Default: N in 1e3, 1e4, 1e5, float32 and "
+            "float64 (about 10 minutes on 2 CPU cores)."
+        ),
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="N = 1000 only, at most 3 repeats (under a minute on 2 CPU cores)",
+    )
+    bench.add_argument(
+        "--sizes",
+        type=_size_list,
+        default=[1_000, 10_000, 100_000],
+        metavar="LIST",
+        help="comma-separated grid sizes N (default: 1e3,1e4,1e5)",
+    )
+    bench.add_argument(
+        "--dtypes",
+        type=_choice_list(("float32", "float64"), "dtype"),
+        default=["float32", "float64"],
+        metavar="LIST",
+        help="comma-separated dtypes: float32, float64 (default: both)",
+    )
+    bench.add_argument(
+        "--float64",
+        dest="dtypes",
+        action="store_const",
+        const=["float64"],
+        help="float64 only (same as --dtypes float64)",
+    )
+    bench.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="trapezoid",
+        metavar="NAME",
+        help="DeerSolver's discretisation (default: trapezoid; names as in `demo`)",
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="timed runs after compilation; the median is shown (default: 5)",
+    )
+    bench.add_argument(
+        "--markdown",
+        type=_writable_path,
+        metavar="PATH",
+        help="also write the Markdown table to PATH",
+    )
+    bench.add_argument(
+        "--json",
+        action="store_true",
+        help="print the raw results as JSON instead of the table",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top_level = {"-h", "--help", "--version"}
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in top_level):
+        argv = ["demo", *argv]
+    parser = build_parser()
     options = parser.parse_args(argv)
 
-    from ._demo import run_demo  # imports JAX: keep `--help` fast
+    # JAX is imported only from here on: keep `--help` and bad options fast.
+    try:
+        if options.command == "demo":
+            if options.plot is not None:
+                try:
+                    import matplotlib  # noqa: F401
+                except ImportError:
+                    parser.error("--plot needs matplotlib: pip install matplotlib")
+            from ._demo import run_demo
 
-    agrees = run_demo(
-        num_steps=options.num_steps,
-        float64=not options.float32,
-        repeats=options.repeats,
-    )
-    return 0 if agrees else 1
+            agrees = run_demo(
+                num_steps=options.num_steps,
+                float64=not options.float32,
+                repeats=options.repeats,
+                method=options.method,
+                json_output=options.json,
+                plot=options.plot,
+            )
+            return 0 if agrees else 1
+        if options.command == "validate":
+            from . import _cli_validate
+
+            return _cli_validate.main(options)
+        from . import _cli_bench
+
+        command = shlex.join(["diffrax-deer", *argv])
+        return _cli_bench.main(options, command)
+    except OSError as error:  # e.g. an output file that cannot be written
+        print(f"diffrax-deer: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("diffrax-deer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
