@@ -233,10 +233,11 @@ def format_demo(results: dict[str, Any]) -> str:
         )
     speedup = results["speedup_vs_same_grid"]
     lines.append("")
-    lines.append(
-        f"DeerSolver is {speedup:.1f}x {'faster' if speedup >= 1 else 'slower'} "
-        "than Tsit5 on the same grid."
-    )
+    if speedup >= 1:
+        comparison = f"{speedup:.1f}x faster than"
+    else:
+        comparison = f"{1 / speedup:.1f}x slower than"
+    lines.append(f"DeerSolver is {comparison} Tsit5 on the same grid (run time).")
     step = (T1 - T0) / results["num_steps"]
     if results["agrees"]:
         lines.append(
