@@ -382,14 +382,6 @@ def test_explicit_dense_output_equals_sequential(name):
 # --------------------------------------------------------------------------------------
 
 
-_REVERSE_RK_REASON = (
-    "Reverse mode through an explicit Runge-Kutta map fails: ExplicitRungeKutta "
-    "replaces the solver's scan_kind with 'lax' (for forward mode), and its "
-    "dense_info, computed outside the custom JVP, runs the RK stages in a "
-    "lax.while_loop, which JAX cannot transpose."
-)
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_forward_mode_matches_finite_differences(name):
     _, jac_forward, jac_fd, state = lv_forward(name)
@@ -401,20 +393,7 @@ def test_forward_mode_matches_finite_differences(name):
     assert np.all(state.max_num_iters <= 8)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True, raises=ValueError, reason=_REVERSE_RK_REASON
-            ),
-        )
-        if isinstance(method, diffrax.AbstractRungeKutta)
-        else name
-        for name, method in METHODS.items()
-    ],
-)
+@pytest.mark.parametrize("name", list(METHODS))
 def test_reverse_mode_matches_forward_mode(name):
     _, jac_forward, jac_fd, _ = lv_forward(name)
     weights = np.random.default_rng(2).normal(size=jac_forward.shape[:-1])
@@ -513,17 +492,6 @@ def test_stiff_backward_euler():
     assert 3.5 < errors[0] / errors[1] < 4.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "RadauIIA's stage guess f(t, linear interpolation of the node guess) is "
-        "inconsistent with the nodes on stiff problems: from the constant guess "
-        "(the RK4 predictor blows up) Newton diverges or stalls at any N tried "
-        "(200..2000, 1..20 windows), while BackwardEuler converges. With the stage "
-        "guess (y_{i+1} - y_i) / h it converges in 6 iterations to 1.5e-8."
-    ),
-)
 def test_stiff_radau_iia():
     ys, result, state = jit(stiff_solve, static_argnums=(0, 1))(
         RadauIIA(stages=3), 500, STIFF_T1
@@ -531,8 +499,8 @@ def test_stiff_radau_iia():
     assert result == diffrax.RESULTS.successful, result
     assert int(state.num_iters) <= 10
     # 5th order with h = 1 on a slow manifold of time scale ~mu: the discretisation
-    # error is negligible; 1.5e-8 measured (with a consistent stage guess) is the
-    # reference's and Newton's tolerance.
+    # error is negligible; 1.5e-8 measured (stages started at the secant slope) is
+    # the reference's and Newton's tolerance.
     assert np.max(np.abs(np.asarray(ys) - stiff_reference())) < 1e-6
 
 

@@ -17,11 +17,12 @@ from ._scan import solve_affine_recurrence
 EXPLICIT_SOLVERS = (diffrax.AbstractERK, diffrax.Euler)
 
 
-def _forward_mode_ready(solver):
+def _differentiable_stages(solver):
     # diffrax runs Runge-Kutta stages in a checkpointed loop (a custom_vjp), which
-    # forward mode cannot differentiate; a plain `lax` loop is the same computation.
+    # forward mode cannot differentiate, and a `lax` while loop cannot be reversed;
+    # the "bounded" loop is the same computation and supports both.
     if isinstance(solver, diffrax.AbstractRungeKutta) and solver.scan_kind is None:
-        return dataclasses.replace(solver, scan_kind="lax")
+        return dataclasses.replace(solver, scan_kind="bounded")
     return solver
 
 
@@ -53,7 +54,7 @@ class ExplicitRungeKutta(AbstractDiscretisation):
     """
 
     solver: diffrax.AbstractSolver = eqx.field(
-        static=True, converter=_forward_mode_ready
+        static=True, converter=_differentiable_stages
     )
 
     def __check_init__(self):
