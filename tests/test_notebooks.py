@@ -1,0 +1,50 @@
+"""The validation notebook runs from top to bottom (in quick mode) without error.
+
+`DEER_NOTEBOOK_QUICK=1` shrinks its grids and its lists of systems and methods;
+the notebook's own asserts (convergence orders, DEER(Tsit5) equal to sequential
+Tsit5) still run. The committed copy is not modified.
+"""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "validate_against_tsit5.ipynb"
+MISSING = [
+    name
+    for name in ("nbformat", "nbclient", "ipykernel", "matplotlib")
+    if importlib.util.find_spec(name) is None
+]
+
+
+@pytest.mark.skipif(
+    bool(MISSING),
+    reason=f'{", ".join(MISSING)} not installed (pip install -e ".[dev]")',
+)
+def test_validation_notebook_runs_in_quick_mode(monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("DEER_NOTEBOOK_QUICK", "1")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    client.execute()  # raises CellExecutionError, with the traceback, on failure
+    outputs = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    ]
+    assert not [output for output in outputs if output.output_type == "error"]
+    text = "".join(output.get("text", "") for output in outputs)
+    assert "quick mode: True" in text
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) >= 3  # trajectories, convergence orders, Newton residuals
