@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from ._adjoint import DeerAdjoint as DeerAdjoint
 from ._collocation import (
     AbstractCollocation as AbstractCollocation,
     GaussLegendre as GaussLegendre,
