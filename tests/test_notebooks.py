@@ -1,4 +1,4 @@
-"""The validation notebook runs from top to bottom (in quick mode) without error.
+"""The notebooks run from top to bottom (in quick mode) without error.
 
 `DEER_NOTEBOOK_QUICK=1` shrinks its grids and its lists of systems and methods;
 the notebook's own asserts (convergence orders, DEER(Tsit5) equal to sequential
@@ -13,11 +13,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "validate_against_tsit5.ipynb"
+TRAINING_NOTEBOOK = ROOT / "notebooks" / "fit_neural_ode.ipynb"
 MISSING = [
     name
     for name in ("nbformat", "nbclient", "ipykernel", "matplotlib")
     if importlib.util.find_spec(name) is None
 ]
+MISSING_TRAINING = MISSING + (
+    ["optax"] if importlib.util.find_spec("optax") is None else []
+)
 
 
 @pytest.mark.skipif(
@@ -48,3 +52,34 @@ def test_validation_notebook_runs_in_quick_mode(monkeypatch):
     assert "quick mode: True" in text
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) >= 3  # trajectories, convergence orders, Newton residuals
+
+
+@pytest.mark.skipif(
+    bool(MISSING_TRAINING),
+    reason=f'{", ".join(MISSING_TRAINING)} not installed (pip install -e ".[dev]")',
+)
+def test_training_notebook_runs_in_quick_mode(monkeypatch):
+    """`fit_neural_ode.ipynb`: a few NeuralODE training steps, DEER and Tsit5."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("DEER_NOTEBOOK_QUICK", "1")
+    notebook = nbformat.read(TRAINING_NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(TRAINING_NOTEBOOK.parent)}},
+    )
+    client.execute()  # raises CellExecutionError, with the traceback, on failure
+    outputs = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    ]
+    assert not [output for output in outputs if output.output_type == "error"]
+    text = "".join(output.get("text", "") for output in outputs)
+    assert "quick mode: True" in text
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) >= 2  # loss curves and step times, Newton iterations, fits
