@@ -9,6 +9,7 @@ from ._collocation import (
     RadauIIA as RadauIIA,
     collocation_tableau as collocation_tableau,
 )
+from ._damped_scan import solve_damped_recurrence as solve_damped_recurrence
 from ._discretisation import (
     AbstractDiscretisation as AbstractDiscretisation,
     AbstractLinearisation as AbstractLinearisation,

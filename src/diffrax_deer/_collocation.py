@@ -13,10 +13,10 @@ from ._discretisation import (
     AbstractLinearisation,
     BatchedLinearSolve,
     evaluate_nodes,
+    evaluate_nodes_and_jacobian_diagonals,
     evaluate_nodes_and_jacobians,
     identity_like,
 )
-from ._scan import solve_affine_recurrence
 
 
 @functools.cache
@@ -101,20 +101,66 @@ class CollocationLinearisation(AbstractLinearisation):
     stage_sensitivities: Inexact[Array, "steps stages n n"]
     weighted_steps: Inexact[Array, "steps stages"]
 
-    def solve(self, rhs, initial):
-        rhs_nodes, rhs_stages = rhs
+    def _stage_particular(self, rhs_stages):
         num_steps, num_stages, size = rhs_stages.shape
-        stage_particular = self.stage_solve.solve(
+        return self.stage_solve.solve(
             rhs_stages.reshape(num_steps, num_stages * size)
         ).reshape(num_steps, num_stages, size)
-        offsets = rhs_nodes + jnp.einsum(
+
+    def offsets(self, rhs):
+        rhs_nodes, rhs_stages = rhs
+        stage_particular = self._stage_particular(rhs_stages)
+        return rhs_nodes + jnp.einsum(
             "is,isn->in", self.weighted_steps, stage_particular
         )
-        delta_ys = solve_affine_recurrence(self.transitions, offsets, initial)
-        delta_stages = stage_particular + jnp.einsum(
+
+    def stage_offsets(self, rhs):
+        _, rhs_stages = rhs
+        return self._stage_particular(rhs_stages)
+
+    def stage_update(self, rhs, delta_ys):
+        _, rhs_stages = rhs
+        return self._stage_particular(rhs_stages) + jnp.einsum(
             "isnm,im->isn", self.stage_sensitivities, delta_ys[:-1]
         )
-        return delta_ys, delta_stages
+
+
+class DiagonalCollocationLinearisation(AbstractLinearisation):
+    r"""The quasi-DEER Newton system of an $s$-stage collocation method.
+
+    With $J_{ij}$ replaced by its diagonal, every state component $k$ decouples:
+    the stage system of interval $i$ is $s \times s$, $S_{ik} = I - h_i (a_{jl}
+    J_{ij,kk})_{jl}$, and the transition is the scalar $1 + h_i \sum_j b_j
+    (S_{ik}^{-1} \bar J_{ik})_j$. Memory $O(N n s^2)$, never $O(N n^2)$.
+    """
+
+    transitions: Inexact[Array, "steps n"]
+    stage_solve: BatchedLinearSolve
+    stage_sensitivities: Inexact[Array, "steps stages n"]
+    weighted_steps: Inexact[Array, "steps stages"]
+
+    def _stage_particular(self, rhs_stages):
+        num_steps, num_stages, size = rhs_stages.shape
+        # (N, s, n) -> (N * n, s): one small system per interval and component.
+        per_component = jnp.swapaxes(rhs_stages, 1, 2).reshape(-1, num_stages)
+        solved = self.stage_solve.solve(per_component)
+        return jnp.swapaxes(solved.reshape(num_steps, size, num_stages), 1, 2)
+
+    def offsets(self, rhs):
+        rhs_nodes, rhs_stages = rhs
+        stage_particular = self._stage_particular(rhs_stages)
+        return rhs_nodes + jnp.einsum(
+            "is,isn->in", self.weighted_steps, stage_particular
+        )
+
+    def stage_offsets(self, rhs):
+        _, rhs_stages = rhs
+        return self._stage_particular(rhs_stages)
+
+    def stage_update(self, rhs, delta_ys):
+        _, rhs_stages = rhs
+        stage_particular = self._stage_particular(rhs_stages)
+        return stage_particular + self.stage_sensitivities * delta_ys[:-1, None, :]
 
 
 class AbstractCollocation(AbstractDiscretisation):
@@ -176,7 +222,9 @@ class AbstractCollocation(AbstractDiscretisation):
         fs = self._evaluate(evaluate_nodes, vector_field, stage_ts, stage_ys, args)
         return self._node_residual(ts, ys, stages), stages - fs
 
-    def linearise(self, vector_field, ts, ys, stages, args):
+    def linearise(self, vector_field, ts, ys, stages, args, jacobian="full"):
+        if jacobian == "diagonal":
+            return self._linearise_diagonal(vector_field, ts, ys, stages, args)
         _, a, b = self._tableau()
         num_steps, num_stages, size = stages.shape
         stage_ts, stage_ys = self._stage_points(ts, ys, stages)
@@ -205,6 +253,44 @@ class AbstractCollocation(AbstractDiscretisation):
             transitions=transitions,
             stage_solve=stage_solve,
             stage_sensitivities=stage_sensitivities,
+            weighted_steps=weighted_steps,
+        )
+        residual = (self._node_residual(ts, ys, stages), stages - fs)
+        return residual, linearisation
+
+    def _linearise_diagonal(self, vector_field, ts, ys, stages, args):
+        _, a, b = self._tableau()
+        num_steps, num_stages, size = stages.shape
+        stage_ts, stage_ys = self._stage_points(ts, ys, stages)
+        flat_fs, flat_diagonals = evaluate_nodes_and_jacobian_diagonals(
+            vector_field,
+            stage_ts.reshape(-1),
+            stage_ys.reshape(-1, size),
+            args,
+        )
+        fs = flat_fs.reshape(num_steps, num_stages, size)
+        # (N, s, n) -> (N, n, s): per interval and component, J_ij,kk over stages j.
+        diagonals = jnp.swapaxes(
+            flat_diagonals.reshape(num_steps, num_stages, size), 1, 2
+        )
+        steps = (ts[1:] - ts[:-1]).astype(ys.dtype)
+        a = jnp.asarray(a, ys.dtype)
+        # S[i, k, j, l] = delta_jl - h_i a_jl J_ij,kk
+        stage_matrices = jnp.eye(num_stages, dtype=ys.dtype) - jnp.einsum(
+            "i,jl,ikj->ikjl", steps, a, diagonals
+        )
+        stage_solve = BatchedLinearSolve(
+            stage_matrices.reshape(num_steps * size, num_stages, num_stages)
+        )
+        sensitivities = stage_solve.solve(
+            diagonals.reshape(num_steps * size, num_stages)
+        ).reshape(num_steps, size, num_stages)
+        weighted_steps = steps[:, None] * jnp.asarray(b, ys.dtype)
+        transitions = 1 + jnp.einsum("is,ins->in", weighted_steps, sensitivities)
+        linearisation = DiagonalCollocationLinearisation(
+            transitions=transitions,
+            stage_solve=stage_solve,
+            stage_sensitivities=jnp.swapaxes(sensitivities, 1, 2),
             weighted_steps=weighted_steps,
         )
         residual = (self._node_residual(ts, ys, stages), stages - fs)

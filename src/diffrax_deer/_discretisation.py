@@ -2,7 +2,7 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Inexact, PyTree, Real
 
+from ._scan import solve_affine_recurrence
+
 
 VectorField = Callable[[Array, Array, PyTree[Any]], Array]
+# "full": the n x n Jacobians (DEER); "diagonal": only their diagonals (quasi-DEER).
+JacobianMode = Literal["full", "diagonal"]
 # The residual of every interval: (node part, shape (N, n); stage part or None).
 Residual = tuple[Inexact[Array, "steps n"], PyTree[Array] | None]
 
@@ -47,6 +51,81 @@ def evaluate_nodes_and_jacobians(
         return value, jacobian
 
     return jax.vmap(value_and_jacobian)(ts, ys)
+
+
+def rowwise_value_and_jacobian_diagonal(
+    function: Callable[[Inexact[Array, "points n"]], Inexact[Array, "points n"]],
+    xs: Inexact[Array, "points n"],
+) -> tuple[Inexact[Array, "points n"], Inexact[Array, "points n"]]:
+    r"""The value of a row-wise map and the diagonal of each row's Jacobian.
+
+    `function` maps every row independently (row $p$ of the output depends only on
+    row $p$ of the input). The diagonal $\partial F_{pk} / \partial x_{pk}$ comes
+    from $n$ Jacobian-vector products with the basis vectors, one at a time: the
+    work of a full Jacobian, but memory $O(P n)$ rather than $O(P n^2)$.
+    """
+    values, linear = jax.linearize(function, xs)
+    size = xs.shape[-1]
+
+    def add_column(k, diagonal):
+        basis = jnp.broadcast_to(jnp.arange(size) == k, xs.shape).astype(xs.dtype)
+        return diagonal.at[:, k].set(linear(basis)[:, k])
+
+    diagonal = jax.lax.fori_loop(0, size, add_column, jnp.zeros_like(xs))
+    return values, diagonal
+
+
+def evaluate_nodes_and_jacobian_diagonals(
+    vector_field: VectorField,
+    ts: Real[Array, " points"],
+    ys: Inexact[Array, "points n"],
+    args: PyTree[Any],
+) -> tuple[Inexact[Array, "points n"], Inexact[Array, "points n"]]:
+    """Evaluates the vector field and the diagonal of its Jacobian in `y` at every
+    point, without forming any `n x n` matrix."""
+
+    def evaluate(_ys):
+        return evaluate_nodes(vector_field, ts, _ys, args)
+
+    return rowwise_value_and_jacobian_diagonal(evaluate, ys)
+
+
+def evaluate_linearised_nodes(
+    vector_field: VectorField,
+    ts: Real[Array, " points"],
+    ys: Inexact[Array, "points n"],
+    args: PyTree[Any],
+    jacobian: JacobianMode,
+) -> tuple[Inexact[Array, "points n"], Inexact[Array, "points ..."]]:
+    """The vector field and its Jacobians (`"full"`, shape `(P, n, n)`) or their
+    diagonals (`"diagonal"`, shape `(P, n)`) at every point."""
+    if jacobian == "diagonal":
+        return evaluate_nodes_and_jacobian_diagonals(vector_field, ts, ys, args)
+    return evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
+
+
+class DiagonalLinearSolve(eqx.Module):
+    r"""Applies $D_i^{-1}$ for diagonal $D_i$ stored as vectors, shape `(N, n)`.
+
+    **Arguments:**
+
+    - `diagonals`: the diagonals of $D_i$, shape `(N, n)`.
+    """
+
+    inverses: Inexact[Array, "steps n"]
+
+    def __init__(self, diagonals: Inexact[Array, "steps n"]):
+        self.inverses = 1 / diagonals
+
+    def solve(self, vectors: Inexact[Array, "steps n"]) -> Inexact[Array, "steps n"]:
+        """Returns $D_i^{-1} v_i$ for every interval $i$."""
+        return self.inverses * vectors
+
+    def solve_matrices(
+        self, diagonals: Inexact[Array, "steps n"]
+    ) -> Inexact[Array, "steps n"]:
+        """Returns $D_i^{-1} B_i$ for diagonal $B_i$."""
+        return self.inverses * diagonals
 
 
 class BatchedLinearSolve(eqx.Module):
@@ -100,14 +179,41 @@ class AbstractLinearisation(eqx.Module):
     $\delta y_{i+1} = A_i \delta y_i + b_i(v)$, solved by a parallel scan, followed by
     a per-interval back-substitution for the stages. Newton uses it with
     $v = -R$; the implicit derivative with $v = -\partial_\theta R\,\dot\theta$.
+    With `jacobian="diagonal"` the $A_i$ are diagonal (stored as vectors) and the
+    solve is only approximate: quasi-DEER.
+
+    **Arguments:**
+
+    - `transitions`: the $A_i$, shape `(N, n, n)`, or their diagonals `(N, n)`.
     """
 
+    transitions: eqx.AbstractVar[Inexact[Array, "steps ..."]]
+
     @abc.abstractmethod
+    def offsets(self, rhs: Residual) -> Inexact[Array, "steps n"]:
+        """The $b_i(v)$ of the recurrence: $v$ with the per-interval (and stage)
+        systems solved."""
+
+    def stage_offsets(self, rhs: Residual) -> PyTree[Array] | None:
+        r"""The stage part of the right-hand side with the stage systems solved
+        (none here); Newton's merit is $\frac12(\|b\|^2 + \|$this$\|^2)$."""
+        del rhs
+        return None
+
+    def stage_update(
+        self, rhs: Residual, delta_ys: Inexact[Array, "nodes n"]
+    ) -> PyTree[Array] | None:
+        """The stage update given the node update (none here)."""
+        del rhs, delta_ys
+        return None
+
     def solve(
         self, rhs: Residual, initial: Inexact[Array, " n"]
     ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None]:
         """Returns the node update (shape `(N + 1, n)`, starting at `initial`) and
         the stage update (or `None`)."""
+        delta_ys = solve_affine_recurrence(self.transitions, self.offsets(rhs), initial)
+        return delta_ys, self.stage_update(rhs, delta_ys)
 
 
 class AbstractDiscretisation(eqx.Module):
@@ -152,8 +258,11 @@ class AbstractDiscretisation(eqx.Module):
         ys: Inexact[Array, "nodes n"],
         stages: PyTree[Array] | None,
         args: PyTree[Any],
+        jacobian: JacobianMode = "full",
     ) -> tuple[Residual, AbstractLinearisation]:
-        """The residual and its derivative in the unknowns at one iterate."""
+        r"""The residual and its derivative in the unknowns at one iterate: exact
+        (`jacobian="full"`), or with only the diagonal of $\partial f / \partial y$
+        (`"diagonal"`, quasi-DEER)."""
 
     def dense_info(
         self,

@@ -6,7 +6,32 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Inexact, Int, PyTree, Real
 
-from ._discretisation import AbstractDiscretisation, VectorField
+from ._damped_scan import solve_damped_recurrence
+from ._discretisation import (
+    AbstractDiscretisation,
+    AbstractLinearisation,
+    JacobianMode,
+    Residual,
+    VectorField,
+)
+from ._scan import is_diagonal, solve_affine_recurrence
+
+
+# Damping is a rescue: Newton runs undamped, as plain DEER, which may let the
+# residual grow by many orders of magnitude on its way to converging (from a poor
+# guess DEER converges front to back), until a step overflows. Then it resumes from
+# the best iterate with Levenberg-Marquardt damping `_FIRST_DAMPING`, adapted by
+# Nielsen's rule from the ratio of the actual to the predicted decrease (a step is
+# accepted above `_ACCEPT_RATIO`), and switched off again below `_MIN_DAMPING` or
+# when a damped step is within tolerance (only an undamped step can show
+# convergence). A later rescue resumes from four times the damping last used.
+_FIRST_DAMPING = 1.0
+_MIN_DAMPING = 1e-6
+_ACCEPT_RATIO = 1e-4
+# Give up when the damping (or, undamped, the step shrinking) has gone this far
+# without an acceptable step: Newton is stuck.
+_MAX_DAMPING = 1e12
+_MIN_STEP_FRACTION = 2.0**-20
 
 
 class NewtonStats(eqx.Module):
@@ -14,28 +39,63 @@ class NewtonStats(eqx.Module):
 
     **Arguments:**
 
-    - `num_iters`: Newton iterations taken.
-    - `update_norm`: the scaled size of the last update, $\\max_i \\mathrm{RMS}(
-        \\delta_i / (\\text{atol} + \\text{rtol}|y_i|))$; converged when at most 1.
-    - `residual_norm`: $\\max_i \\mathrm{RMS}(r_i)$ at the last linearisation point.
-    - `converged`: whether `update_norm <= 1` was reached within `max_iters`.
-    - `diverged`: whether an iterate, the vector field or its Jacobian became
-        non-finite (the last finite iterate is returned).
+    - `num_iters`: Newton iterations taken (each one linear solve, accepted or not).
+    - `num_rejected`: iterations whose step was rejected (non-finite, or with
+        damping, not decreasing the residual enough) and retried shorter.
+    - `update_norm`: the scaled size of the last accepted update,
+        $\\max_i \\mathrm{RMS}(\\delta_i / (\\text{atol} + \\text{rtol}|y_i|))$;
+        converged when at most 1 on an undamped step.
+    - `residual_norm`: $\\max_i \\mathrm{RMS}(r_i)$ of the returned iterate (node and
+        stage residuals).
+    - `damping`: the Levenberg-Marquardt damping $\\lambda$ at the end (0 when the
+        last step was a pure Newton step).
+    - `converged`: whether Newton converged within `max_iters`.
+    - `diverged`: whether it stopped without converging and its last step was
+        non-finite (the vector field, its Jacobian or the update overflowed).
     """
 
     num_iters: Int[Array, ""]
+    num_rejected: Int[Array, ""]
     update_norm: Real[Array, ""]
     residual_norm: Real[Array, ""]
+    damping: Real[Array, ""]
     converged: Bool[Array, ""]
     diverged: Bool[Array, ""]
 
 
 def _all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]))
+    leaves = jtu.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _max_rms(x: Inexact[Array, "nodes n"]) -> Real[Array, ""]:
+def _max_rms(x: Inexact[Array, "... n"]) -> Real[Array, ""]:
     return jnp.max(jnp.sqrt(jnp.mean(jnp.abs(x) ** 2, axis=-1)))
+
+
+def _residual_norm(residual: Residual) -> Real[Array, ""]:
+    return jnp.max(jnp.stack([_max_rms(x) for x in jtu.tree_leaves(residual)]))
+
+
+def _sum_squares(tree: PyTree[Array]) -> Real[Array, ""]:
+    return sum(jnp.sum(jnp.abs(x) ** 2) for x in jtu.tree_leaves(tree))
+
+
+def _merit(linearisation: AbstractLinearisation, residual: Residual):
+    """$\\tfrac12 \\|b(R)\\|^2$: the residual with the per-interval systems of the
+    current linearisation solved (the least-squares objective of damped Newton)."""
+    negative = jtu.tree_map(jnp.negative, residual)
+    offsets = linearisation.offsets(negative)
+    stage_offsets = linearisation.stage_offsets(negative)
+    return offsets, 0.5 * (_sum_squares(offsets) + _sum_squares(stage_offsets))
+
+
+def _model_residual(transitions, offsets, delta_ys):
+    # delta_{i+1} - A_i delta_i - b_i: zero for the undamped step.
+    if is_diagonal(transitions, offsets):
+        mapped = transitions * delta_ys[:-1]
+    else:
+        mapped = jnp.einsum("inm,im->in", transitions, delta_ys[:-1])
+    return delta_ys[1:] - mapped - offsets
 
 
 def newton_solve(
@@ -49,16 +109,41 @@ def newton_solve(
     rtol: float,
     atol: float,
     max_iters: int,
+    jacobian: JacobianMode = "full",
+    damping: bool = False,
 ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
     r"""Solves $r_i(y_i, y_{i+1}) = 0$ for all intervals at once by Newton's method.
 
-    `guess[0]` is the initial value and stays fixed. Each iteration evaluates $f$ and
-    $\partial f/\partial y$ at every node or stage point (vectorised), forms the
-    affine recurrence $\delta_{i+1} = A_i \delta_i + b_i$, $\delta_0 = 0$, with
-    $b_i$ from $-r$, solves it with a parallel scan, and updates $y \leftarrow y +
-    \delta$ (and the stage unknowns, if any). It stops when the node update is within
-    `atol + rtol * |y|` in the RMS norm at every node, at `max_iters`, or when
-    something becomes non-finite.
+    `guess[0]` is the initial value and stays fixed. Each iteration linearises the
+    residual at the current iterate ($f$ and $\partial f/\partial y$, or only its
+    diagonal with `jacobian="diagonal"`, at every node or stage point, vectorised),
+    which turns the Newton system into the affine recurrence
+    $\delta_{i+1} = A_i \delta_i + b_i$, $\delta_0 = 0$, with $b = b(-R)$ the
+    residual with the per-interval systems solved. It is solved by a parallel scan.
+
+    With `damping=True`, damping is a rescue. Newton runs undamped, as plain DEER,
+    which may let the residual grow by orders of magnitude on its way to converging
+    (from a poor guess DEER converges front to back), until a step overflows. Then
+    it resumes from the best iterate (or, when the first undamped step after damped
+    ones overflows, from where it is)
+    with Levenberg-Marquardt steps: $\delta$ minimises
+    $\sum_i \|\delta_{i+1} - A_i \delta_i - b_i\|^2 + \lambda \sum_i \|\delta_i\|^2$,
+    a parallel Kalman smoother in $O(\log N)$ depth
+    ([`diffrax_deer.solve_damped_recurrence`][]). A damped step is accepted when
+    the merit $\tfrac12\|b(R)\|^2$ falls by at least $10^{-4}$ of the decrease the
+    linear model predicts; $\lambda$ starts at 1 and follows Nielsen's rule from
+    that ratio $\rho$ ($\lambda \leftarrow \lambda \max(\tfrac13, 1 - (2\rho - 1)^3)$
+    on acceptance, doubling growth on rejection). It is switched off below
+    $10^{-6}$ or when a damped step is within tolerance: only an undamped step can
+    show convergence, and if that fails, damping resumes where it was. Where plain
+    Newton converges the cost is one extra evaluation of $f$ per iteration. Without
+    damping, a non-finite step is halved and retried.
+
+    Newton has converged when an undamped step is within `atol + rtol * |y|` in the
+    RMS norm at every node. It stops then, at `max_iters`, or when the damping
+    passes $10^{12}$ (undamped: the step shrinks below $2^{-20}$) without an
+    acceptable step. Unless converged it returns the iterate with the smallest
+    residual.
 
     This is pure JAX and knows nothing of diffrax. It is not meant to be
     differentiated: see [`diffrax_deer.solve_window`][] for derivatives.
@@ -73,6 +158,10 @@ def newton_solve(
     - `args`: passed to `vector_field`.
     - `rtol`, `atol`: the stopping tolerances.
     - `max_iters`: the most Newton iterations to take.
+    - `jacobian`: `"full"` (DEER: quadratic convergence, $O(N n^2)$ memory) or
+        `"diagonal"` (quasi-DEER: $O(N n)$ memory, linear convergence).
+    - `damping`: whether to continue with Levenberg-Marquardt steps once a plain
+        Newton step overflows.
 
     **Returns:**
 
@@ -82,46 +171,198 @@ def newton_solve(
     real_dtype = jnp.finfo(guess.dtype).dtype
     zero_update = jnp.zeros(guess.shape[1:], guess.dtype)
 
+    def linearise(ys, stages):
+        return discretisation.linearise(vector_field, ts, ys, stages, args, jacobian)
+
+    def step(linearisation, negative_residual, offsets, damping_value):
+        transitions = linearisation.transitions
+
+        def plain():
+            return solve_affine_recurrence(transitions, offsets, zero_update)
+
+        def damped():
+            return solve_damped_recurrence(transitions, offsets, damping_value)
+
+        if damping:
+            delta_ys = jax.lax.cond(damping_value > 0, damped, plain)
+        else:
+            delta_ys = plain()
+        delta_stages = linearisation.stage_update(negative_residual, delta_ys)
+        if damping:
+            model = _model_residual(transitions, offsets, delta_ys)
+            return delta_ys, delta_stages, 0.5 * _sum_squares(model)
+        return delta_ys, delta_stages, None
+
     def cond_fun(carry):
-        num_iters, _, _, update_norm, _, finite = carry
-        return (num_iters < max_iters) & (update_norm > 1) & finite
+        num_iters, _, _, _, _, stop = carry
+        return (num_iters < max_iters) & ~stop
 
     def body_fun(carry):
-        num_iters, ys, stages, _, _, _ = carry
-        residual, linearisation = discretisation.linearise(
-            vector_field, ts, ys, stages, args
+        num_iters, state, best, control, counts, _ = carry
+        ys, stages, residual, linearisation = state
+        best_ys, best_stages, best_norm = best
+        (
+            damping_value,
+            damping_growth,
+            step_fraction,
+            _,
+            _,
+            restart_damping,
+            undamped_run,
+        ) = control
+        num_rejected, _ = counts
+        # Best iterate so far, judged at the current one, whose residual we have.
+        current_norm = _residual_norm(residual)
+        current_norm = jnp.where(jnp.isfinite(current_norm), current_norm, jnp.inf)
+        best = jax.lax.cond(
+            current_norm < best_norm,
+            lambda: (ys, stages, current_norm),
+            lambda: best,
         )
+        best_ys, best_stages, best_norm = best
         negative_residual = jtu.tree_map(jnp.negative, residual)
-        update, stage_update = linearisation.solve(negative_residual, zero_update)
-        new_ys = ys + update
-        new_stages = jtu.tree_map(jnp.add, stages, stage_update)
-        scale = atol + rtol * jnp.maximum(jnp.abs(ys), jnp.abs(new_ys))
-        update_norm = _max_rms(update / scale)
-        finite = jnp.isfinite(update_norm) & _all_finite((new_ys, new_stages))
-        ys, stages = jtu.tree_map(
-            lambda new, old: jnp.where(finite, new, old),
-            (new_ys, new_stages),
-            (ys, stages),
+        offsets, merit = _merit(linearisation, residual)
+        delta_ys, delta_stages, model_merit = step(
+            linearisation, negative_residual, offsets, damping_value
         )
-        update_norm = jnp.where(finite, update_norm, jnp.inf)
-        return num_iters + 1, ys, stages, update_norm, _max_rms(residual[0]), finite
+        trial_ys = ys + step_fraction * delta_ys
+        trial_stages = jtu.tree_map(
+            lambda z, dz: z + step_fraction * dz, stages, delta_stages
+        )
+        scale = atol + rtol * jnp.maximum(jnp.abs(ys), jnp.abs(trial_ys))
+        update_norm = _max_rms(step_fraction * delta_ys / scale)
+        finite = jnp.isfinite(update_norm) & _all_finite((trial_ys, trial_stages))
+        small = update_norm <= 1
+        undamped = damping_value == 0
+        converged = finite & small & undamped & (step_fraction == 1)
+        restart = jnp.array(False)
+        if damping:
+            # Damped: actual over predicted decrease of the merit, both measured with
+            # this linearisation's per-interval solves. (Undamped, the residual at
+            # the trial is left to the next linearisation: no extra evaluation.)
+            trial_residual = discretisation.residual(
+                vector_field, ts, trial_ys, trial_stages, args
+            )
+            _, trial_merit = _merit(linearisation, trial_residual)
+            finite = finite & jnp.isfinite(trial_merit)
+            give_up = ~finite
+            predicted = merit - model_merit
+            ratio = (merit - trial_merit) / jnp.where(predicted > 0, predicted, 1)
+            ratio = jnp.where(predicted > 0, ratio, 1)
+            accept_damped = finite & ((ratio >= _ACCEPT_RATIO) | small)
+            accept = jnp.where(undamped, ~give_up, accept_damped) | converged
+            restart = undamped & give_up & ~converged
+            nielsen = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
+            new_damping = jnp.where(
+                undamped,
+                jnp.where(restart, restart_damping, 0.0),
+                jnp.where(
+                    accept_damped,
+                    damping_value * nielsen,
+                    damping_value * damping_growth,
+                ),
+            )
+            # A small damped step proves nothing: try an undamped one next.
+            switch_off = (new_damping < _MIN_DAMPING) | (accept & small)
+            restart_damping = jnp.where(
+                ~undamped & switch_off,
+                jnp.maximum(4 * damping_value, 4 * _MIN_DAMPING),
+                restart_damping,
+            )
+            new_damping = jnp.where(switch_off, 0.0, new_damping)
+            new_growth = jnp.where(undamped | accept_damped, 2.0, 2 * damping_growth)
+            new_fraction = step_fraction
+            stuck = new_damping > _MAX_DAMPING
+        else:
+            accept = finite
+            new_damping = damping_value
+            new_growth = damping_growth
+            new_fraction = jnp.where(finite, 1.0, step_fraction / 2)
+            stuck = new_fraction < _MIN_STEP_FRACTION
 
+        def keep():
+            return state
+
+        def relinearise():
+            # At the trial point, or after undamped steps failed, at the best one.
+            new_ys, new_stages = jtu.tree_map(
+                lambda b, t: jnp.where(restart, b, t),
+                (best_ys, best_stages),
+                (trial_ys, trial_stages),
+            )
+            new_residual, new_linearisation = linearise(new_ys, new_stages)
+            return new_ys, new_stages, new_residual, new_linearisation
+
+        def finish():
+            # Newton stops at convergence: no need for the Jacobians there (the
+            # residual is evaluated once, after the loop).
+            return trial_ys, trial_stages, residual, linearisation
+
+        # The first undamped step after damped ones failed: resume damping here.
+        restart_here = restart & (undamped_run == 0)
+        branch = jnp.where(
+            converged, 2, jnp.where(accept | (restart & ~restart_here), 1, 0)
+        )
+        state = jax.lax.switch(branch, (keep, relinearise, finish))
+        control = (
+            new_damping.astype(real_dtype),
+            new_growth.astype(real_dtype),
+            new_fraction.astype(real_dtype),
+            jnp.where(accept, update_norm, control[3]),
+            ~finite,
+            jnp.asarray(restart_damping, real_dtype),
+            jnp.where(undamped & accept, undamped_run + 1, 0),
+        )
+        counts = (num_rejected + (~accept).astype(jnp.int32), converged)
+        return num_iters + 1, state, best, control, counts, converged | stuck
+
+    residual, linearisation = linearise(guess, stages)
+    guess_norm = _residual_norm(residual)
     init = (
         jnp.array(0, jnp.int32),
-        guess,
-        stages,
-        jnp.array(jnp.inf, real_dtype),
-        jnp.array(jnp.inf, real_dtype),
-        jnp.array(True),
+        (guess, stages, residual, linearisation),
+        (guess, stages, jnp.array(jnp.inf, real_dtype)),
+        (
+            jnp.array(0, real_dtype),
+            jnp.array(2, real_dtype),
+            jnp.array(1, real_dtype),
+            jnp.array(jnp.inf, real_dtype),
+            ~jnp.isfinite(guess_norm),
+            jnp.array(_FIRST_DAMPING, real_dtype),
+            # Counts as a run of undamped steps: a failure at the start restarts
+            # from the best iterate.
+            jnp.array(1, jnp.int32),
+        ),
+        (jnp.array(0, jnp.int32), jnp.array(False)),
+        jnp.array(False),
     )
-    num_iters, ys, stages, update_norm, residual_norm, finite = jax.lax.while_loop(
+    num_iters, state, best, control, counts, _ = jax.lax.while_loop(
         cond_fun, body_fun, init
+    )
+    damping_value, _, _, update_norm, last_non_finite, _, _ = control
+    num_rejected, converged = counts
+    final_ys, final_stages, final_residual, _ = state
+    best_ys, best_stages, best_norm = best
+    final_norm = _residual_norm(final_residual)
+    # Converged: the last iterate. Otherwise the one with the smallest residual.
+    use_final = converged | (final_norm < best_norm)
+    ys, stages = jtu.tree_map(
+        lambda last, kept: jnp.where(use_final, last, kept),
+        (final_ys, final_stages),
+        (best_ys, best_stages),
+    )
+    residual_norm = jnp.where(
+        converged,
+        _residual_norm(discretisation.residual(vector_field, ts, ys, stages, args)),
+        jnp.minimum(best_norm, final_norm),
     )
     stats = NewtonStats(
         num_iters=num_iters,
+        num_rejected=num_rejected,
         update_norm=update_norm,
         residual_norm=residual_norm,
-        converged=finite & (update_norm <= 1),
-        diverged=~finite,
+        damping=damping_value,
+        converged=converged,
+        diverged=~converged & last_non_finite,
     )
     return ys, stages, stats

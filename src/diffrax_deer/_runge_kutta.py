@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Inexact
 
-from ._discretisation import AbstractDiscretisation, AbstractLinearisation
-from ._scan import solve_affine_recurrence
+from ._discretisation import (
+    AbstractDiscretisation,
+    AbstractLinearisation,
+    rowwise_value_and_jacobian_diagonal,
+)
 
 
 # Explicit solvers whose `step` is a one-step map of an ODE.
@@ -31,11 +34,11 @@ class ExplicitLinearisation(AbstractLinearisation):
     $\delta_{i+1} = A_i \delta_i + v_i$ with $A_i = \partial \Phi_i / \partial y_i$,
     no per-interval solve."""
 
-    transitions: Inexact[Array, "steps n n"]
+    transitions: Inexact[Array, "steps ..."]
 
-    def solve(self, rhs, initial):
+    def offsets(self, rhs):
         rhs_nodes, _ = rhs
-        return solve_affine_recurrence(self.transitions, rhs_nodes, initial), None
+        return rhs_nodes
 
 
 class ExplicitRungeKutta(AbstractDiscretisation):
@@ -85,8 +88,18 @@ class ExplicitRungeKutta(AbstractDiscretisation):
         mapped, _ = self._steps(vector_field, ts, ys, args)
         return ys[1:] - mapped, None
 
-    def linearise(self, vector_field, ts, ys, stages, args):
+    def linearise(self, vector_field, ts, ys, stages, args, jacobian="full"):
         del stages
+        if jacobian == "diagonal":
+
+            def steps(_ys_start):
+                mapped, _ = jax.vmap(self._step, in_axes=(None, 0, 0, 0, None))(
+                    vector_field, ts[:-1], ts[1:], _ys_start, args
+                )
+                return mapped
+
+            mapped, transitions = rowwise_value_and_jacobian_diagonal(steps, ys[:-1])
+            return (ys[1:] - mapped, None), ExplicitLinearisation(transitions)
 
         def map_and_jacobian(t0, t1, y0):
             def with_aux(_y0):

@@ -16,8 +16,25 @@ def _compose(
     return transition, offset
 
 
+def _compose_diagonal(
+    earlier: tuple[Array, Array], later: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    # The same with diagonal A, stored as vectors: everything is elementwise.
+    transition_earlier, offset_earlier = earlier
+    transition_later, offset_later = later
+    return (
+        transition_later * transition_earlier,
+        transition_later * offset_earlier + offset_later,
+    )
+
+
+def is_diagonal(transitions: Array, offsets: Array) -> bool:
+    """Whether `transitions` holds diagonals `(N, n)` rather than matrices."""
+    return transitions.ndim == offsets.ndim
+
+
 def solve_affine_recurrence(
-    transitions: Inexact[Array, "steps n n"],
+    transitions: Inexact[Array, "steps n n"] | Inexact[Array, "steps n"],
     offsets: Inexact[Array, "steps n"],
     initial: Inexact[Array, " n"],
 ) -> Inexact[Array, "steps+1 n"]:
@@ -25,13 +42,15 @@ def solve_affine_recurrence(
 
     Affine maps compose associatively, $(A_2, b_2) \circ (A_1, b_1) =
     (A_2 A_1, A_2 b_1 + b_2)$, so `jax.lax.associative_scan` produces every prefix
-    composition in $O(\log N)$ depth and $O(N n^3)$ work. The result is linear in
-    `offsets` and `initial`, so JAX can transpose it: reverse-mode derivatives become
-    the same scan run backwards with $A_i^\top$.
+    composition in $O(\log N)$ depth and $O(N n^3)$ work; with diagonal $A_i$
+    (quasi-DEER) composition is elementwise, $O(N n)$ work and memory. The result is
+    linear in `offsets` and `initial`, so JAX can transpose it: reverse-mode
+    derivatives become the same scan run backwards with $A_i^\top$.
 
     **Arguments:**
 
-    - `transitions`: the matrices $A_i$, shape `(N, n, n)`.
+    - `transitions`: the matrices $A_i$, shape `(N, n, n)`, or their diagonals,
+        shape `(N, n)`.
     - `offsets`: the vectors $b_i$, shape `(N, n)`.
     - `initial`: the starting value $d_0$, shape `(n,)`.
 
@@ -39,8 +58,14 @@ def solve_affine_recurrence(
 
     The array $(d_0, d_1, \ldots, d_N)$ of shape `(N + 1, n)`.
     """
-    prefix_transitions, prefix_offsets = jax.lax.associative_scan(
-        _compose, (transitions, offsets)
-    )
-    rest = (prefix_transitions @ initial) + prefix_offsets
+    if is_diagonal(transitions, offsets):
+        prefix_transitions, prefix_offsets = jax.lax.associative_scan(
+            _compose_diagonal, (transitions, offsets)
+        )
+        rest = prefix_transitions * initial + prefix_offsets
+    else:
+        prefix_transitions, prefix_offsets = jax.lax.associative_scan(
+            _compose, (transitions, offsets)
+        )
+        rest = (prefix_transitions @ initial) + prefix_offsets
     return jnp.concatenate([initial[None], rest], axis=0)

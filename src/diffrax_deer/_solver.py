@@ -4,13 +4,14 @@ import functools
 from typing import Any, ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from diffrax import RESULTS, AbstractSolver, AbstractTerm, MultiTerm, ODETerm
 from diffrax._term import AdjointTerm, WrapTerm
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Int, PyTree, Real
+from jaxtyping import Array, Inexact, Int, PyTree, Real
 
 from ._discretisation import AbstractDiscretisation
 from ._interpolation import DeerInterpolation, structure_template
@@ -32,10 +33,14 @@ _DEFAULT_TOLERANCES = {
 
 
 class DeerState(eqx.Module):
-    """The solver state of [`diffrax_deer.DeerSolver`][]: Newton statistics.
+    r"""The solver state of [`diffrax_deer.DeerSolver`][]: Newton statistics, and the
+    last window's trajectory for warm starts.
 
     Read it from `diffeqsolve(..., saveat=SaveAt(..., solver_state=True))` as
-    `sol.solver_state`.
+    `sol.solver_state`. Passing it back, `diffeqsolve(..., solver_state=
+    sol.solver_state)`, warm-starts Newton from the stored trajectory in the window
+    with the same `t0` and `t1` (e.g. a one-window solve repeated while training):
+    the predictor is skipped and Newton starts next to the answer.
 
     **Arguments:**
 
@@ -43,7 +48,10 @@ class DeerState(eqx.Module):
     - `total_num_iters`: Newton iterations summed over all windows so far.
     - `max_num_iters`: the most Newton iterations any window took.
     - `update_norm`: the last window's final scaled update (converged when <= 1).
-    - `residual_norm`: the last window's residual at its last linearisation.
+    - `residual_norm`: the last window's final residual, $\max_i \mathrm{RMS}(r_i)$.
+    - `trajectory`: the last window's nodes, flattened, shape `(N + 1, n)` (not
+        differentiated).
+    - `window_t0`, `window_t1`: the last window (NaN before the first).
     """
 
     num_iters: Int[Array, ""]
@@ -51,6 +59,9 @@ class DeerState(eqx.Module):
     max_num_iters: Int[Array, ""]
     update_norm: Real[Array, ""]
     residual_norm: Real[Array, ""]
+    trajectory: Inexact[Array, "nodes n"]
+    window_t0: Real[Array, ""]
+    window_t1: Real[Array, ""]
 
 
 _BACKSOLVE_MESSAGE = (
@@ -92,6 +103,9 @@ def _as_method(value: Any) -> Any:
     if isinstance(value, EXPLICIT_SOLVERS):
         return ExplicitRungeKutta(value)
     return value
+
+
+_JACOBIAN_MODES = ("full", "diagonal")
 
 
 def _option(**kwargs):
@@ -143,6 +157,19 @@ class DeerSolver(AbstractSolver):
     - `predictor_steps`: sequential RK4 steps of the initial guess; `None` uses
         `max(64, num_steps // 16)` (at most `num_steps`), `0` starts from `y0` at
         every node.
+    - `jacobian`: `"full"` (DEER: exact Newton, quadratic convergence, memory
+        $O(N n^2)$ and work $O(N n^3)$ per iteration) or `"diagonal"` (quasi-DEER:
+        only the diagonal of $\partial f / \partial y$ enters the scan; memory and
+        scan work $O(N n)$, more iterations, the same converged trajectory; for
+        large states, $n \gtrsim 32$). Derivatives are exact either way (they
+        use the full Jacobians at the converged trajectory, once).
+    - `damping`: a rescue for when plain Newton overflows (chaotic or stiff
+        dynamics, trained networks): from the best iterate it continues with
+        Levenberg-Marquardt steps, a parallel Kalman smoother, with the damping
+        adapted from the actual against the predicted decrease of the residual.
+        Until a step overflows Newton runs undamped, so runtime is unchanged; off by
+        default because it about triples compile time (measured in
+        `docs/benchmarks.md`). Without it, a non-finite step is halved and retried.
     - `method`: the one-step scheme. The implicit trapezoidal rule
         ([`diffrax_deer.Trapezoid`][], 2nd order, A-stable) by default;
         [`diffrax_deer.BackwardEuler`][] (1st, L-stable),
@@ -158,6 +185,8 @@ class DeerSolver(AbstractSolver):
     atol: float | None = _option(default=None)
     max_iters: int = _option(default=50)
     predictor_steps: int | None = _option(default=None)
+    jacobian: str = _option(default="full")
+    damping: bool = _option(default=False)
     method: AbstractDiscretisation = eqx.field(
         static=True, default=Trapezoid(), converter=_as_method
     )
@@ -188,6 +217,13 @@ class DeerSolver(AbstractSolver):
                 "`predictor_steps` must be None, 0 (constant guess) or a positive "
                 f"integer; got {self.predictor_steps!r}."
             )
+        if self.jacobian not in _JACOBIAN_MODES:
+            raise ValueError(
+                '`jacobian` must be "full" (DEER) or "diagonal" (quasi-DEER, for '
+                f"large states); got {self.jacobian!r}."
+            )
+        if not isinstance(self.damping, bool):
+            raise ValueError(f"`damping` must be True or False; got {self.damping!r}.")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None and not (
@@ -217,7 +253,9 @@ class DeerSolver(AbstractSolver):
             )
         zero = jnp.array(0, jnp.int32)
         nan = jnp.array(jnp.nan, y_flat.dtype)
-        return DeerState(zero, zero, zero, nan, nan)
+        trajectory = jnp.zeros((self.num_steps + 1,) + y_flat.shape, y_flat.dtype)
+        nan_time = jnp.full((), jnp.nan, jnp.result_type(t0))
+        return DeerState(zero, zero, zero, nan, nan, trajectory, nan_time, nan_time)
 
     def _tolerances(self, dtype) -> tuple[float, float]:
         default_rtol, default_atol = _DEFAULT_TOLERANCES[jnp.dtype(dtype)]
@@ -246,16 +284,26 @@ class DeerSolver(AbstractSolver):
             predictor_steps = default_predictor_steps(self.num_steps)
         else:
             predictor_steps = self.predictor_steps
+        # Warm start: a trajectory stored for this very window (a repeated solve).
+        warm = (
+            (solver_state.window_t0 == t0)
+            & (solver_state.window_t1 == t1)
+            & jnp.all(jnp.isfinite(solver_state.trajectory))
+        )
         ys, stages, stats = solve_window(
             vector_field,
             self.method,
             ts,
             y0_flat,
             args,
+            guess=solver_state.trajectory.astype(dtype),
+            use_guess=warm,
             rtol=rtol,
             atol=atol,
             max_iters=self.max_iters,
             predictor_steps=predictor_steps,
+            jacobian=self.jacobian,
+            damping=self.damping,
         )
         result = RESULTS.where(
             stats.converged,
@@ -272,6 +320,9 @@ class DeerSolver(AbstractSolver):
             max_num_iters=jnp.maximum(solver_state.max_num_iters, stats.num_iters),
             update_norm=stats.update_norm.astype(dtype),
             residual_norm=stats.residual_norm.astype(dtype),
+            trajectory=jax.lax.stop_gradient(ys),
+            window_t0=jnp.asarray(t0, solver_state.window_t0.dtype),
+            window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
         )
         dense_info = dict(
             ys=ys,

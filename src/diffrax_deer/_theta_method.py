@@ -2,17 +2,17 @@
 
 from typing import ClassVar
 
+import equinox as eqx
 from jaxtyping import Array, Inexact
 
 from ._discretisation import (
     AbstractDiscretisation,
     AbstractLinearisation,
     BatchedLinearSolve,
+    evaluate_linearised_nodes,
     evaluate_nodes,
-    evaluate_nodes_and_jacobians,
     identity_like,
 )
-from ._scan import solve_affine_recurrence
 
 
 class NodeLinearisation(AbstractLinearisation):
@@ -29,10 +29,43 @@ class NodeLinearisation(AbstractLinearisation):
     transitions: Inexact[Array, "steps n n"]
     step_solve: BatchedLinearSolve
 
-    def solve(self, rhs, initial):
+    def offsets(self, rhs):
         rhs_nodes, _ = rhs
-        offsets = self.step_solve.solve(rhs_nodes)
-        return solve_affine_recurrence(self.transitions, offsets, initial), None
+        return self.step_solve.solve(rhs_nodes)
+
+
+class DiagonalNodeLinearisation(AbstractLinearisation):
+    r"""The quasi-DEER system of a theta method: $M_i$ and $P_i$ diagonal.
+
+    Only the Jacobian diagonals at the nodes are stored; $A_i = P_i / M_i$ and
+    $M_i^{-1}$ are formed elementwise when used (and fused by XLA), which keeps one
+    `(N + 1, n)` array, not two `(N, n)` ones, alive across Newton iterations.
+
+    **Arguments:**
+
+    - `jacobian_diagonals`: $\mathrm{diag}\,\partial f / \partial y$ at every node,
+        shape `(N + 1, n)`.
+    - `steps`: the interval lengths $h_i$, shape `(N,)`.
+    - `theta`: the method's $\theta$.
+    """
+
+    jacobian_diagonals: Inexact[Array, "nodes n"]
+    steps: Inexact[Array, " steps"]
+    theta: float = eqx.field(static=True)
+
+    def _implicit(self):
+        return 1 - self.theta * self.steps[:, None] * self.jacobian_diagonals[1:]
+
+    @property
+    def transitions(self):
+        explicit = (
+            1 + (1 - self.theta) * self.steps[:, None] * (self.jacobian_diagonals[:-1])
+        )
+        return explicit / self._implicit()
+
+    def offsets(self, rhs):
+        rhs_nodes, _ = rhs
+        return rhs_nodes / self._implicit()
 
 
 class AbstractThetaMethod(AbstractDiscretisation):
@@ -56,9 +89,14 @@ class AbstractThetaMethod(AbstractDiscretisation):
         fs = evaluate_nodes(vector_field, ts, ys, args)
         return self._residual(ts, ys, fs), None
 
-    def linearise(self, vector_field, ts, ys, stages, args):
+    def linearise(self, vector_field, ts, ys, stages, args, jacobian="full"):
         del stages
-        fs, jacobians = evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
+        fs, jacobians = evaluate_linearised_nodes(vector_field, ts, ys, args, jacobian)
+        if jacobian == "diagonal":
+            # The same recurrence with J replaced by diag(J): elementwise.
+            steps = (ts[1:] - ts[:-1]).astype(ys.dtype)
+            linearisation = DiagonalNodeLinearisation(jacobians, steps, self.theta)
+            return (self._residual(ts, ys, fs), None), linearisation
         identity = identity_like(jacobians)
         steps = (ts[1:] - ts[:-1])[:, None, None]
         step_solve = BatchedLinearSolve(identity - self.theta * steps * jacobians[1:])

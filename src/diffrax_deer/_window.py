@@ -5,9 +5,9 @@ import jax
 import jax.custom_derivatives
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Inexact, PyTree
+from jaxtyping import Array, Bool, Inexact, PyTree
 
-from ._discretisation import AbstractDiscretisation, VectorField
+from ._discretisation import AbstractDiscretisation, JacobianMode, VectorField
 from ._newton import NewtonStats, newton_solve
 from ._predictor import coarse_rk4_guess, constant_guess
 
@@ -18,6 +18,8 @@ class _WindowConfig(eqx.Module):
     atol: float = eqx.field(static=True)
     max_iters: int = eqx.field(static=True)
     predictor_steps: int = eqx.field(static=True)
+    jacobian: JacobianMode = eqx.field(static=True)
+    damping: bool = eqx.field(static=True)
 
 
 def _is_none(x) -> bool:
@@ -25,12 +27,16 @@ def _is_none(x) -> bool:
 
 
 @eqx.filter_custom_jvp
-def _solve_window(vector_field, ts, y0, args, guess, config: _WindowConfig):
-    if guess is None:
+def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowConfig):
+    def predict():
         if config.predictor_steps == 0:
-            guess = constant_guess(ts, y0)
-        else:
-            guess = coarse_rk4_guess(vector_field, ts, y0, args, config.predictor_steps)
+            return constant_guess(ts, y0)
+        return coarse_rk4_guess(vector_field, ts, y0, args, config.predictor_steps)
+
+    if guess is None:
+        guess = predict()
+    elif use_guess is not None:
+        guess = jax.lax.cond(use_guess, lambda: guess, predict)
     guess = guess.at[0].set(y0)
     stages = config.discretisation.init_stages(vector_field, ts, guess, args)
     return newton_solve(
@@ -43,6 +49,8 @@ def _solve_window(vector_field, ts, y0, args, guess, config: _WindowConfig):
         rtol=config.rtol,
         atol=config.atol,
         max_iters=config.max_iters,
+        jacobian=config.jacobian,
+        damping=config.damping,
     )
 
 
@@ -57,9 +65,11 @@ def _solve_window_jvp(primals, tangents):
     unknowns, eliminated per interval as in Newton). JAX transposes
     it (a reverse scan) for reverse mode; the Newton loop is never differentiated.
     """
-    vector_field, ts, y0, args, guess, config = primals
-    t_vector_field, t_ts, t_y0, t_args, _, _ = tangents
-    ys, stages, stats = _solve_window(vector_field, ts, y0, args, guess, config)
+    vector_field, ts, y0, args, guess, use_guess, config = primals
+    t_vector_field, t_ts, t_y0, t_args, _, _, _ = tangents
+    ys, stages, stats = _solve_window(
+        vector_field, ts, y0, args, guess, use_guess, config
+    )
     discretisation = config.discretisation
 
     params = (vector_field, ts, args)
@@ -72,10 +82,13 @@ def _solve_window_jvp(primals, tangents):
         return discretisation.residual(_vector_field, _ts, ys, stages, _args)
 
     _, t_residual = jax.jvp(residual_at_solution, (diff,), (t_params,))
-    _, linearisation = discretisation.linearise(vector_field, ts, ys, stages, args)
     if t_y0 is None:
         t_y0 = jnp.zeros_like(y0)
-    t_ys, t_stages = linearisation.solve(jtu.tree_map(jnp.negative, t_residual), t_y0)
+    rhs = jtu.tree_map(jnp.negative, t_residual)
+    # Exact derivatives need the exact linearisation, also after a quasi-DEER
+    # (diagonal) solve: the tangent pass holds N n x n blocks once.
+    _, linearisation = discretisation.linearise(vector_field, ts, ys, stages, args)
+    t_ys, t_stages = linearisation.solve(rhs, t_y0)
     t_stats = jax.custom_derivatives.zero_from_primal(stats, symbolic_zeros=True)
     return (ys, stages, stats), (t_ys, t_stages, t_stats)
 
@@ -87,11 +100,14 @@ def solve_window(
     y0: Inexact[Array, " n"],
     args: PyTree = None,
     guess: Inexact[Array, "nodes n"] | None = None,
+    use_guess: Bool[Array, ""] | None = None,
     *,
     rtol: float,
     atol: float,
     max_iters: int,
     predictor_steps: int,
+    jacobian: JacobianMode = "full",
+    damping: bool = False,
 ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
     r"""Solves $y' = f(t, y)$, $y(t_0) = y_0$ on every node of `ts` at once.
 
@@ -110,9 +126,17 @@ def solve_window(
     - `y0`: the initial value, shape `(n,)`.
     - `args`: passed to `vector_field`.
     - `guess`: optional starting trajectory, shape `(N + 1, n)`; not differentiated.
+    - `use_guess`: optional boolean scalar: when given, `guess` is used only where
+        it is true and the predictor runs otherwise (a warm start decided at run
+        time).
     - `rtol`, `atol`, `max_iters`: Newton's stopping rule.
     - `predictor_steps`: coarse RK4 steps of the predictor used when `guess` is
         `None`; `0` starts from $y_0$ at every node.
+    - `jacobian`: `"full"` (DEER) or `"diagonal"` (quasi-DEER): see
+        [`diffrax_deer.newton_solve`][]. Derivatives are exact either way: the
+        tangent recurrence uses the full Jacobians at the converged trajectory, so
+        differentiating a `"diagonal"` solve holds `N` $n \times n$ blocks once.
+    - `damping`: Levenberg-Marquardt damping once a plain Newton step overflows.
 
     **Returns:**
 
@@ -124,11 +148,15 @@ def solve_window(
     vector_field = eqx.filter_closure_convert(vector_field, ts[0], y0, args)
     if guess is not None:
         guess = jax.lax.stop_gradient(guess)
+    if use_guess is not None:
+        use_guess = jax.lax.stop_gradient(jnp.asarray(use_guess))
     config = _WindowConfig(
         discretisation=discretisation,
         rtol=rtol,
         atol=atol,
         max_iters=max_iters,
         predictor_steps=predictor_steps,
+        jacobian=jacobian,
+        damping=damping,
     )
-    return _solve_window(vector_field, ts, y0, args, guess, config)
+    return _solve_window(vector_field, ts, y0, args, guess, use_guess, config)

@@ -1,0 +1,275 @@
+"""Newton that converges and scales: quasi-DEER, damping, guards."""
+
+import diffrax
+import equinox as eqx
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import (
+    lorenz,
+    sequential_trapezoid,
+    trapezoid_linear_reference,
+    tsit5_reference,
+)
+from diffrax_deer import (
+    DeerSolver,
+    GaussLegendre,
+    Trapezoid,
+    newton_solve,
+)
+from diffrax_deer._problems import MLPVectorField
+
+
+# --------------------------------------------------------------------------------------
+# quasi-DEER: only the Jacobian's diagonal enters the scan; same converged trajectory
+# --------------------------------------------------------------------------------------
+
+
+def neural_field(state_size, scale=1.0):
+    """A 64-wide softplus MLP: a NeuralODE-style field."""
+    field = MLPVectorField(
+        state_size=state_size, width=64, depth=2, key=jax.random.key(3)
+    )
+    return jax.tree.map(lambda x: scale * x if eqx.is_inexact_array(x) else x, field)
+
+
+@eqx.filter_jit
+def solve_final(field, y0, jacobian, method, damping=False):
+    solver = DeerSolver(
+        num_steps=200,
+        jacobian=jacobian,
+        method=method,
+        damping=damping,
+        max_iters=200,
+    )
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        solver,
+        0.0,
+        2.0,
+        2.0,
+        y0,
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 9), solver_state=True),
+    )
+    return sol.ys, sol.solver_state
+
+
+def test_diagonal_agrees_with_full_on_64_state_neural_field():
+    field = neural_field(64)
+    y0 = jax.random.normal(jax.random.key(1), (64,))
+    ys_full, state_full = solve_final(field, y0, "full", Trapezoid())
+    ys_diagonal, state_diagonal = solve_final(field, y0, "diagonal", Trapezoid())
+    # Both stop when their update is within 1e-10 (rtol and atol): the same discrete
+    # trajectory to about that.
+    np.testing.assert_allclose(ys_diagonal, ys_full, rtol=1e-8, atol=1e-8)
+    # The diagonal Newton direction converges linearly: more iterations.
+    assert int(state_diagonal.num_iters) > int(state_full.num_iters)
+    assert float(state_diagonal.residual_norm) < 1e-10
+
+
+def test_diagonal_agrees_with_full_for_collocation():
+    # Stages decouple per component into s x s systems.
+    method = GaussLegendre(stages=2)
+    field = neural_field(3)
+    y0 = jnp.array([0.5, -1.0, 0.25])
+    ys_full, _ = solve_final(field, y0, "full", method)
+    ys_diagonal, state = solve_final(field, y0, "diagonal", method)
+    np.testing.assert_allclose(ys_diagonal, ys_full, rtol=1e-8, atol=1e-9)
+    assert float(state.residual_norm) < 1e-10
+
+
+def test_diagonal_gradient_is_exact():
+    # The derivative rule is exact in both modes (the tangent recurrence uses the
+    # full Jacobians at the solution): gradients equal the full mode's and finite
+    # differences.
+    field = neural_field(4)
+    y0 = jnp.array([0.5, -1.0, 0.25, 0.1])
+
+    def loss(y0, jacobian):
+        ys, _ = solve_final(field, y0, jacobian, Trapezoid())
+        return jnp.sum(ys**2)
+
+    grad_full = jax.grad(loss)(y0, "full")
+    grad_diagonal = jax.grad(loss)(y0, "diagonal")
+    np.testing.assert_allclose(grad_diagonal, grad_full, rtol=1e-8)
+    step = 1e-6
+    basis = jnp.eye(4)[0]
+    finite_difference = (
+        loss(y0 + step * basis, "full") - loss(y0 - step * basis, "full")
+    ) / (2 * step)
+    np.testing.assert_allclose(grad_diagonal[0], finite_difference, rtol=1e-6)
+
+
+def _compiled_memory_over_trajectory(size, jacobian):
+    # XLA's own accounting of the compiled solve (temporaries + outputs), in units
+    # of the trajectory itself, (N + 1) x n float32 values.
+    num_steps = 1000
+    field = jax.tree.map(
+        lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x,
+        neural_field(size),
+    )
+    y0 = jnp.zeros((size,), jnp.float32)
+
+    def solve(y0):
+        solver = DeerSolver(num_steps=num_steps, jacobian=jacobian, max_iters=5)
+        zero, one = jnp.float32(0), jnp.float32(1)
+        term = diffrax.ODETerm(field)
+        return diffrax.diffeqsolve(term, solver, zero, one, one, y0, throw=False).ys
+
+    analysis = jax.jit(solve).lower(y0).compile().memory_analysis()
+    used = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    return used / ((num_steps + 1) * size * 4)
+
+
+def test_diagonal_memory_is_linear_in_state_size():
+    # The diagonal mode never forms N x n x n: at n = 256 it needs a small multiple
+    # of the trajectory (measured 10.3x); the full mode needs about 6 n times it.
+    assert _compiled_memory_over_trajectory(256, "diagonal") < 12
+    assert _compiled_memory_over_trajectory(64, "full") > 64 / 2
+
+
+# --------------------------------------------------------------------------------------
+# Chaos: one long window fails cleanly; windows of length 1 converge
+# --------------------------------------------------------------------------------------
+
+
+def test_lorenz_long_window_reports_failure_without_nan():
+    # Lorenz on [0, 20] with dt = 0.001 in one window: Newton does not converge in
+    # 30 iterations. With damping it must say so (not NaN), with its statistics.
+    solver = DeerSolver(num_steps=20_000, damping=True, max_iters=30)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lorenz),
+        solver,
+        0.0,
+        20.0,
+        20.0,
+        jnp.array([1.0, 1.0, 1.0]),
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        throw=False,
+    )
+    state = sol.solver_state
+    assert sol.result != diffrax.RESULTS.successful
+    assert bool(jnp.all(jnp.isfinite(sol.ys)))
+    assert 1 <= int(state.num_iters) <= 30
+    assert bool(jnp.isfinite(state.residual_norm))
+    assert float(state.residual_norm) > 0
+
+
+def test_lorenz_in_unit_windows_matches_tsit5():
+    # Windows of length 1 are short enough for Newton: the result is the sequential
+    # trapezoidal solution on the same grid, and follows Tsit5 to the trapezoid's
+    # discretisation error while the dynamics stay predictable.
+    save_ts = jnp.linspace(0.0, 8.0, 33)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lorenz),
+        DeerSolver(num_steps=1000),
+        0.0,
+        20.0,
+        1.0,
+        jnp.array([1.0, 1.0, 1.0]),
+        saveat=diffrax.SaveAt(ts=save_ts),
+    )
+    assert sol.result == diffrax.RESULTS.successful
+    sequential = sequential_trapezoid(
+        lorenz, [1.0, 1.0, 1.0], np.linspace(0.0, 8.0, 8001)
+    )[::250]
+    np.testing.assert_allclose(sol.ys, sequential, rtol=1e-6, atol=1e-6)
+    reference = tsit5_reference(lorenz, [1.0, 1.0, 1.0], 0.0, 8.0, save_ts)
+    error = np.max(np.abs(np.asarray(sol.ys) - reference), axis=1)
+    assert error[save_ts <= 4.0].max() < 5e-3  # measured 1.1e-3 (h = 1e-3)
+    assert error.max() < 0.5
+
+
+# --------------------------------------------------------------------------------------
+# Guards: non-finite steps are rejected, the best iterate is kept, failure is reported
+# --------------------------------------------------------------------------------------
+
+
+def blowing_up(t, y, args):
+    # y' = y^2 from y0 = 1 has a pole at t = 1: no solution on [0, 2].
+    return y**2
+
+
+@pytest.mark.parametrize("damping", [False, True])
+def test_overflow_is_reported_not_nan(damping):
+    solver = DeerSolver(num_steps=100, damping=damping, max_iters=20, predictor_steps=0)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(blowing_up),
+        solver,
+        0.0,
+        2.0,
+        2.0,
+        jnp.array([1.0]),
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        throw=False,
+    )
+    assert sol.result != diffrax.RESULTS.successful
+    assert bool(jnp.all(jnp.isfinite(sol.ys)))
+    assert bool(jnp.isfinite(sol.solver_state.residual_norm))
+    with pytest.raises(Exception, match="nonlinear|Nonlinear"):
+        diffrax.diffeqsolve(
+            diffrax.ODETerm(blowing_up), solver, 0.0, 2.0, 2.0, jnp.array([1.0])
+        )
+
+
+def test_damping_costs_nothing_when_newton_converges():
+    # Damping only starts after a non-finite step: a solve that plain Newton
+    # converges takes the very same iterations and gives the same answer.
+    field = neural_field(3)
+    y0 = jnp.array([0.5, -1.0, 0.25])
+    ys_plain, state_plain = solve_final(field, y0, "full", Trapezoid(), False)
+    ys_damped, state_damped = solve_final(field, y0, "full", Trapezoid(), True)
+    assert int(state_plain.num_iters) == int(state_damped.num_iters)
+    np.testing.assert_allclose(ys_damped, ys_plain, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# Property: for any stable linear system and grid, Newton lands on the discrete solution
+# --------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _solve_linear(ts, y0, matrix):
+    guess = jnp.broadcast_to(y0, (ts.shape[0], y0.shape[0]))
+    return newton_solve(
+        lambda t, y, a: a @ y,
+        Trapezoid(),
+        ts,
+        guess,
+        None,
+        matrix,
+        rtol=1e-10,
+        atol=1e-10,
+        max_iters=10,
+    )
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    spectral_shift=st.floats(0.1, 3.0),
+    horizon=st.floats(0.1, 10.0),
+)
+def test_linear_systems_converge_to_the_discrete_solution(
+    seed, spectral_shift, horizon
+):
+    rng = np.random.default_rng(seed)
+    size, num_steps = 3, 24
+    # Stable: the eigenvalues of S - shift I have real parts at most -shift / 2 or so.
+    skew = rng.normal(size=(size, size))
+    matrix = (
+        (skew - skew.T)
+        - spectral_shift * np.eye(size)
+        + 0.2 * rng.normal(size=(size, size))
+    )
+    spacings = rng.uniform(0.1, 1.0, size=num_steps)
+    ts = np.concatenate([[0.0], np.cumsum(spacings)]) * horizon / spacings.sum()
+    y0 = rng.normal(size=size)
+    ys, _, stats = _solve_linear(jnp.asarray(ts), jnp.asarray(y0), jnp.asarray(matrix))
+    assert bool(stats.converged)
+    reference = trapezoid_linear_reference(matrix, y0, ts)
+    np.testing.assert_allclose(ys, reference, rtol=1e-9, atol=1e-9)
