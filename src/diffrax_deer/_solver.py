@@ -135,6 +135,12 @@ class DeerSolver(AbstractSolver):
     `SaveAt(dense=True)` set `max_steps` to the number of windows: diffrax stores
     every window's nodes, `max_steps` times.
 
+    For gradients with many save times pass `adjoint=diffrax_deer.DeerAdjoint()`
+    (and windows via `StepTo`, for forward mode too): it saves all times at once,
+    so reverse mode does not grow with their number. Passing a previous
+    `sol.solver_state` back as `diffeqsolve(..., solver_state=...)` warm-starts
+    Newton from that solve's trajectory (see [`diffrax_deer.DeerState`][]).
+
     A window whose Newton solve did not converge within `max_iters` returns
     `RESULTS.nonlinear_max_steps_reached`; one where the vector field became
     non-finite returns `RESULTS.nonlinear_divergence`. With `throw=True` (the
