@@ -43,9 +43,13 @@ def field_of_size(size: int) -> MLPVectorField:
     )
 
 
-def make_solve(field, num_steps, jacobian, damping):
+def make_solve(field, num_steps, jacobian, damping, predictor_steps):
     solver = DeerSolver(
-        num_steps=num_steps, jacobian=jacobian, damping=damping, max_iters=100
+        num_steps=num_steps,
+        jacobian=jacobian,
+        damping=damping,
+        max_iters=100,
+        predictor_steps=predictor_steps,
     )
 
     @jax.jit
@@ -71,6 +75,17 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--predictor-steps",
+        type=int,
+        default=None,
+        help="DeerSolver's predictor_steps (default: its default; 0: constant guess)",
+    )
+    parser.add_argument(
+        "--dampings",
+        default="off,on",
+        help="comma-separated subset of off,on",
+    )
+    parser.add_argument(
         "--max-full-size",
         type=int,
         default=64,
@@ -87,9 +102,11 @@ def main(argv=None) -> int:
         y0 = jax.random.normal(jax.random.key(1), (size,), jnp.float32)
         trajectory_bytes = (args.num_steps + 1) * size * 4
         for jacobian in ("full", "diagonal"):
-            for damping in (False, True):
+            for damping in [d == "on" for d in args.dampings.split(",")]:
                 progress(f"n={size} {jacobian} damping={damping}")
-                solve = make_solve(field, args.num_steps, jacobian, damping)
+                solve = make_solve(
+                    field, args.num_steps, jacobian, damping, args.predictor_steps
+                )
                 analysis = solve.lower(y0).compile().memory_analysis()
                 memory = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
                 record = dict(
@@ -133,12 +150,12 @@ def main(argv=None) -> int:
         "Newton iters",
         "outcome",
         "run (median)",
-        "first call (compile + run)",
+        "first call (after the AOT compile)",
     ]
     text = (
         f"{machine_header(info)}\n\nN = {args.num_steps}, float32, softplus MLP width "
-        f"64, t in [0, 1], one window, default predictor.\n\n"
-        + markdown_table(headers, rows)
+        f"64, t in [0, 1], one window, predictor_steps={args.predictor_steps} "
+        "(None: the default RK4 predictor).\n\n" + markdown_table(headers, rows)
     )
     print(text)
     if args.markdown:
