@@ -273,3 +273,32 @@ def test_linear_systems_converge_to_the_discrete_solution(
     assert bool(stats.converged)
     reference = trapezoid_linear_reference(matrix, y0, ts)
     np.testing.assert_allclose(ys, reference, rtol=1e-9, atol=1e-9)
+
+
+def bistable_network(t, y, args):
+    # One tanh layer with large weights: unstable at 0, stable near +-3. From the
+    # constant guess y0 = 0.01, DEER's first steps grow like e^{8 t}.
+    weights_in = jnp.array([[3.0, 0.5], [-0.5, 3.0]], y.dtype)
+    return 3.0 * jnp.tanh(weights_in @ y) - y
+
+
+def test_damping_keeps_a_converging_float32_solve_whose_residual_overflows():
+    # Plain DEER converges here in float32 although its intermediate residuals
+    # square to infinity; damping must not take that for a failure.
+    results = []
+    for damping in (False, True):
+        solver = DeerSolver(num_steps=2000, damping=damping, predictor_steps=0)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(bistable_network),
+            solver,
+            jnp.float32(0),
+            jnp.float32(10),
+            jnp.float32(10),
+            jnp.array([0.01, -0.02], jnp.float32),
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        )
+        results.append((sol.ys, int(sol.solver_state.num_iters)))
+    (ys_plain, iters_plain), (ys_damped, iters_damped) = results
+    assert iters_plain == iters_damped
+    np.testing.assert_allclose(ys_damped, ys_plain, rtol=1e-6)
+    np.testing.assert_allclose(ys_plain[-1], [-3.0, -3.0], atol=1e-3)

@@ -244,8 +244,10 @@ def newton_solve(
                 vector_field, ts, trial_ys, trial_stages, args
             )
             _, trial_merit = _merit(linearisation, trial_residual)
-            finite = finite & jnp.isfinite(trial_merit)
+            # Undamped steps need only be finite (their merit may overflow in
+            # float32 on the way to converging); damped ones must lower the merit.
             give_up = ~finite
+            finite = jnp.where(undamped, finite, finite & jnp.isfinite(trial_merit))
             predicted = merit - model_merit
             ratio = (merit - trial_merit) / jnp.where(predicted > 0, predicted, 1)
             ratio = jnp.where(predicted > 0, ratio, 1)
