@@ -24,21 +24,20 @@ MISSING_TRAINING = MISSING + (
 )
 
 
-@pytest.mark.skipif(
-    bool(MISSING),
-    reason=f'{", ".join(MISSING)} not installed (pip install -e ".[dev]")',
-)
-def test_validation_notebook_runs_in_quick_mode(monkeypatch):
+def run_in_quick_mode(path, monkeypatch):
+    """Executes a copy of the notebook at `path` with `DEER_NOTEBOOK_QUICK=1`;
+    returns its printed text and its number of images, having checked no cell
+    failed."""
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("DEER_NOTEBOOK_QUICK", "1")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook,
         timeout=600,
         kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()  # raises CellExecutionError, with the traceback, on failure
     outputs = [
@@ -49,9 +48,18 @@ def test_validation_notebook_runs_in_quick_mode(monkeypatch):
     ]
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs)
-    assert "quick mode: True" in text
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) >= 3  # trajectories, convergence orders, Newton residuals
+    return text, len(images)
+
+
+@pytest.mark.skipif(
+    bool(MISSING),
+    reason=f'{", ".join(MISSING)} not installed (pip install -e ".[dev]")',
+)
+def test_validation_notebook_runs_in_quick_mode(monkeypatch):
+    text, num_images = run_in_quick_mode(NOTEBOOK, monkeypatch)
+    assert "quick mode: True" in text
+    assert num_images >= 3  # trajectories, convergence orders, Newton residuals
 
 
 @pytest.mark.skipif(
@@ -60,26 +68,6 @@ def test_validation_notebook_runs_in_quick_mode(monkeypatch):
 )
 def test_training_notebook_runs_in_quick_mode(monkeypatch):
     """`fit_neural_ode.ipynb`: a few NeuralODE training steps, DEER and Tsit5."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("DEER_NOTEBOOK_QUICK", "1")
-    notebook = nbformat.read(TRAINING_NOTEBOOK, as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(TRAINING_NOTEBOOK.parent)}},
-    )
-    client.execute()  # raises CellExecutionError, with the traceback, on failure
-    outputs = [
-        output
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-    ]
-    assert not [output for output in outputs if output.output_type == "error"]
-    text = "".join(output.get("text", "") for output in outputs)
+    text, num_images = run_in_quick_mode(TRAINING_NOTEBOOK, monkeypatch)
     assert "quick mode: True" in text
-    images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) >= 2  # loss curves and step times, Newton iterations, fits
+    assert num_images >= 2  # loss curves and step times, Newton iterations, fits
