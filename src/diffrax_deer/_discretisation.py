@@ -104,30 +104,6 @@ def evaluate_linearised_nodes(
     return evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
 
 
-class DiagonalLinearSolve(eqx.Module):
-    r"""Applies $D_i^{-1}$ for diagonal $D_i$ stored as vectors, shape `(N, n)`.
-
-    **Arguments:**
-
-    - `diagonals`: the diagonals of $D_i$, shape `(N, n)`.
-    """
-
-    inverses: Inexact[Array, "steps n"]
-
-    def __init__(self, diagonals: Inexact[Array, "steps n"]):
-        self.inverses = 1 / diagonals
-
-    def solve(self, vectors: Inexact[Array, "steps n"]) -> Inexact[Array, "steps n"]:
-        """Returns $D_i^{-1} v_i$ for every interval $i$."""
-        return self.inverses * vectors
-
-    def solve_matrices(
-        self, diagonals: Inexact[Array, "steps n"]
-    ) -> Inexact[Array, "steps n"]:
-        """Returns $D_i^{-1} B_i$ for diagonal $B_i$."""
-        return self.inverses * diagonals
-
-
 class BatchedLinearSolve(eqx.Module):
     r"""Applies $M_i^{-1}$ for every interval $i$, with one factorisation each.
 

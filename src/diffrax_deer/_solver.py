@@ -1,6 +1,7 @@
 """`DeerSolver`: the diffrax adapter around the DEER window solve."""
 
 import functools
+import typing
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -13,7 +14,7 @@ from diffrax._term import AdjointTerm, WrapTerm
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Inexact, Int, PyTree, Real
 
-from ._discretisation import AbstractDiscretisation
+from ._discretisation import AbstractDiscretisation, JacobianMode
 from ._interpolation import DeerInterpolation, structure_template
 from ._predictor import default_predictor_steps
 from ._runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
@@ -105,7 +106,7 @@ def _as_method(value: Any) -> Any:
     return value
 
 
-_JACOBIAN_MODES = ("full", "diagonal")
+_JACOBIAN_MODES = typing.get_args(JacobianMode)
 
 
 def _option(**kwargs):
