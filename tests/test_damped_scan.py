@@ -9,14 +9,13 @@ import pytest
 import scipy.linalg
 
 from diffrax_deer._damped_scan import (
-    _affine_combine,
     _filter_combine,
     _filter_combine_diagonal,
     _lifted_associative_scan,
     _rows,
     solve_damped_recurrence,
 )
-from diffrax_deer._scan import solve_affine_recurrence
+from diffrax_deer._scan import _compose_diagonal, solve_affine_recurrence
 
 
 try:
@@ -164,7 +163,7 @@ def test_lifted_scan_is_associative_scan(reverse):
     # smoother's does, so row slicing is checked too.
     rng = np.random.default_rng(5)
     E, g = jnp.asarray(rng.normal(size=(2, 9, 2)))
-    combine = functools.partial(_affine_combine, True)
+    combine = _compose_diagonal
 
     def lift(rows):
         return _rows(E, rows, shift=1), _rows(g, rows)

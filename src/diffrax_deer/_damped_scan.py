@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Inexact, Real
 
+from ._scan import _compose, _compose_diagonal
+
 
 # --------------------------------------------------------------------------------------
 # The algebra of the transitions, written once for both representations: a dense matrix
@@ -142,13 +144,6 @@ def _filter_combine_diagonal(earlier: tuple, later: tuple) -> tuple:
         A_i * (eta_j - J_j * (b_i + C_i * eta_j) / m) + eta_i,
         A_i * A_i * J_j / m + J_i,
     )
-
-
-def _affine_combine(diagonal: bool, earlier: tuple, later: tuple) -> tuple:
-    # (E_j, g_j) o (E_i, g_i) = (E_j E_i, E_j g_i + g_j): apply `earlier` first.
-    E_i, g_i = earlier
-    E_j, g_j = later
-    return _matmul(diagonal, E_j, E_i), _matvec(diagonal, E_j, g_i) + g_j
 
 
 def _interleave(even: Array, odd: Array) -> Array:
@@ -331,7 +326,8 @@ def solve_damped_recurrence(
         return E, g
 
     _, smoothed = _lifted_associative_scan(
-        functools.partial(_affine_combine, diagonal),
+        # The smoothing elements compose as affine maps: the plain scan's combine.
+        _compose_diagonal if diagonal else _compose,
         smoothing_elements,
         num_steps - 1,
         reverse=True,
