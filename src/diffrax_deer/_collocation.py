@@ -1,5 +1,6 @@
 """Collocation methods (Gauss-Legendre, Radau IIA), stages eliminated per interval."""
 
+import abc
 import functools
 from typing import ClassVar
 
@@ -85,7 +86,41 @@ def _as_float_arrays(tableau):
     )
 
 
-class CollocationLinearisation(AbstractLinearisation):
+class _AbstractCollocationLinearisation(AbstractLinearisation):
+    r"""What both collocation linearisations share: the stage systems are solved per
+    interval (`_stage_particular`), their solution enters the node offsets through
+    the weights $h_i b_j$, and the stage update adds the stages' sensitivity to
+    $\delta y_i$ (`_stage_sensitivity_times`)."""
+
+    weighted_steps: eqx.AbstractVar[Inexact[Array, "steps stages"]]
+
+    @abc.abstractmethod
+    def _stage_particular(self, rhs_stages):
+        """$S_i^{-1} v^K_i$ for every interval, shape `(N, s, n)`."""
+
+    @abc.abstractmethod
+    def _stage_sensitivity_times(self, delta_ys):
+        r"""$S_i^{-1} \bar J_i \delta y_i$ for every interval, shape `(N, s, n)`."""
+
+    def offsets(self, rhs):
+        rhs_nodes, rhs_stages = rhs
+        stage_particular = self._stage_particular(rhs_stages)
+        return rhs_nodes + jnp.einsum(
+            "is,isn->in", self.weighted_steps, stage_particular
+        )
+
+    def stage_offsets(self, rhs):
+        _, rhs_stages = rhs
+        return self._stage_particular(rhs_stages)
+
+    def stage_update(self, rhs, delta_ys):
+        _, rhs_stages = rhs
+        return self._stage_particular(rhs_stages) + self._stage_sensitivity_times(
+            delta_ys
+        )
+
+
+class CollocationLinearisation(_AbstractCollocationLinearisation):
     r"""The Newton system of an $s$-stage collocation method, stages eliminated.
 
     Per interval, with stage slopes $K_{ij}$ at $Y_{ij} = y_i + h \sum_l a_{jl} K_{il}$
@@ -107,25 +142,11 @@ class CollocationLinearisation(AbstractLinearisation):
             rhs_stages.reshape(num_steps, num_stages * size)
         ).reshape(num_steps, num_stages, size)
 
-    def offsets(self, rhs):
-        rhs_nodes, rhs_stages = rhs
-        stage_particular = self._stage_particular(rhs_stages)
-        return rhs_nodes + jnp.einsum(
-            "is,isn->in", self.weighted_steps, stage_particular
-        )
-
-    def stage_offsets(self, rhs):
-        _, rhs_stages = rhs
-        return self._stage_particular(rhs_stages)
-
-    def stage_update(self, rhs, delta_ys):
-        _, rhs_stages = rhs
-        return self._stage_particular(rhs_stages) + jnp.einsum(
-            "isnm,im->isn", self.stage_sensitivities, delta_ys[:-1]
-        )
+    def _stage_sensitivity_times(self, delta_ys):
+        return jnp.einsum("isnm,im->isn", self.stage_sensitivities, delta_ys[:-1])
 
 
-class DiagonalCollocationLinearisation(AbstractLinearisation):
+class DiagonalCollocationLinearisation(_AbstractCollocationLinearisation):
     r"""The quasi-DEER Newton system of an $s$-stage collocation method.
 
     With $J_{ij}$ replaced by its diagonal, every state component $k$ decouples:
@@ -146,21 +167,8 @@ class DiagonalCollocationLinearisation(AbstractLinearisation):
         solved = self.stage_solve.solve(per_component)
         return jnp.swapaxes(solved.reshape(num_steps, size, num_stages), 1, 2)
 
-    def offsets(self, rhs):
-        rhs_nodes, rhs_stages = rhs
-        stage_particular = self._stage_particular(rhs_stages)
-        return rhs_nodes + jnp.einsum(
-            "is,isn->in", self.weighted_steps, stage_particular
-        )
-
-    def stage_offsets(self, rhs):
-        _, rhs_stages = rhs
-        return self._stage_particular(rhs_stages)
-
-    def stage_update(self, rhs, delta_ys):
-        _, rhs_stages = rhs
-        stage_particular = self._stage_particular(rhs_stages)
-        return stage_particular + self.stage_sensitivities * delta_ys[:-1, None, :]
+    def _stage_sensitivity_times(self, delta_ys):
+        return self.stage_sensitivities * delta_ys[:-1, None, :]
 
 
 class AbstractCollocation(AbstractDiscretisation):
