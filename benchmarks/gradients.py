@@ -57,16 +57,21 @@ from _timing import (  # noqa: E402
     write_text,
 )
 from diffrax_deer import DeerAdjoint, DeerSolver  # noqa: E402
-from diffrax_deer._problems import MLPVectorField  # noqa: E402
+from forward import (  # noqa: E402  (the same field, problem and helpers)
+    DTYPES,
+    PID_TOLERANCES,
+    REFERENCE_TOLERANCE,
+    T0,
+    T1,
+    Y0,
+    make_field,
+    parse_list,
+    succeeded,
+)
 
 
-T0, T1 = 0.0, 10.0
-Y0 = (1.0, -1.0)
-PID_TOLERANCES = tuple(10.0**-k for k in range(3, 13))
-REFERENCE_TOLERANCE = 1e-12
 PID_MAX_STEPS = 4096
 REFERENCE_MAX_STEPS = 200_000
-DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 # name, label; "grad_deer_adjoint" is what the ratios are taken against.
 METHODS = (
     ("forward_deer_adjoint", "Deer+DeerAdjoint forward"),
@@ -75,23 +80,6 @@ METHODS = (
     ("grad_pid", "Tsit5 PID grad"),
     ("grad_step_to", "Tsit5 StepTo grad"),
 )
-
-
-def make_field(dtype, weights_dtype=None) -> MLPVectorField:
-    """The MLP field in `dtype`, its float64 weights rounded to `weights_dtype`
-    (drawn once in float64, so float32 and float64 runs fit the same field)."""
-    field = MLPVectorField(
-        state_size=2, width=64, depth=2, key=jax.random.key(0), dtype=jnp.float64
-    )
-
-    def cast(x):
-        if not eqx.is_inexact_array(x):
-            return x
-        if weights_dtype is not None:
-            x = x.astype(weights_dtype)
-        return x.astype(dtype)
-
-    return jax.tree_util.tree_map(cast, field)
 
 
 # --- solves: each takes the field (differentiated) and returns the saved ys -------
@@ -194,10 +182,6 @@ values_deer_adjoint = eqx.filter_jit(solve_deer_adjoint)
 values_deer_default = eqx.filter_jit(solve_deer_default)
 values_pid = eqx.filter_jit(solve_pid)
 values_step_to = eqx.filter_jit(solve_step_to)
-
-
-def succeeded(sol) -> bool:
-    return bool(sol.result == diffrax.RESULTS.successful)
 
 
 def max_error(ys, reference: np.ndarray) -> float:
@@ -400,10 +384,6 @@ def to_markdown(info: dict[str, Any], cases: list[dict[str, Any]], repeats) -> s
         f"Command: `python benchmarks/gradients.py {' '.join(sys.argv[1:])}`\n\n"
     )
     return intro + markdown_table(headers, rows) + "\n"
-
-
-def parse_list(text: str, kind):
-    return [kind(item) for item in text.split(",") if item]
 
 
 def main() -> None:
