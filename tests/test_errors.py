@@ -181,6 +181,7 @@ def test_backsolve_adjoint_grad_raises_not_implemented():
         (dict(num_steps=10, predictor_steps=-1), "predictor_steps"),
         (dict(num_steps=10, predictor_steps=1.5), "predictor_steps"),
         (dict(num_steps=10, method="trapezoid"), "method"),
+        (dict(num_steps=10, matmul_precision="exact"), "matmul_precision"),
     ],
 )
 def test_bad_options_raise_at_construction(kwargs, name):

@@ -1,5 +1,6 @@
 """`DeerSolver`: the diffrax adapter around the DEER window solve."""
 
+import contextlib
 import functools
 import typing
 from typing import Any, ClassVar
@@ -109,6 +110,12 @@ def _as_method(value: Any) -> Any:
 _JACOBIAN_MODES = typing.get_args(JacobianMode)
 
 
+def _matmul_precision(precision: str | None):
+    if precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
 def _option(**kwargs):
     return eqx.field(static=True, converter=_as_python_number, **kwargs)
 
@@ -194,6 +201,7 @@ class DeerSolver(AbstractSolver):
     predictor_steps: int | None = _option(default=None)
     jacobian: str = _option(default="full")
     damping: bool = _option(default=False)
+    matmul_precision: str | None = _option(default="highest")
     method: AbstractDiscretisation = eqx.field(
         static=True, default=Trapezoid(), converter=_as_method
     )
@@ -231,6 +239,16 @@ class DeerSolver(AbstractSolver):
             )
         if not isinstance(self.damping, bool):
             raise ValueError(f"`damping` must be True or False; got {self.damping!r}.")
+        if self.matmul_precision is not None:
+            try:
+                with _matmul_precision(self.matmul_precision):
+                    pass
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    "`matmul_precision` must be None or a name that "
+                    '`jax.default_matmul_precision` accepts ("highest", "float32", '
+                    f'"tensorfloat32", "default", ...); got {self.matmul_precision!r}.'
+                ) from error
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None and not (
@@ -279,7 +297,9 @@ class DeerSolver(AbstractSolver):
         unit_control = terms.contr(jnp.zeros((), dtype), jnp.ones((), dtype))
 
         def vector_field(t, y, args):
-            dy = terms.vf_prod(t, unravel(y), args, unit_control)
+            # Set at trace time, so it also holds for the field's derivatives.
+            with _matmul_precision(self.matmul_precision):
+                dy = terms.vf_prod(t, unravel(y), args, unit_control)
             dy_flat, _ = ravel_pytree(dy)
             return dy_flat.astype(dtype)
 

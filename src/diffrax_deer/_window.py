@@ -86,9 +86,12 @@ def _solve_window_jvp(primals, tangents):
         t_y0 = jnp.zeros_like(y0)
     rhs = jtu.tree_map(jnp.negative, t_residual)
     # Exact derivatives need the exact linearisation, also after a quasi-DEER
-    # (diagonal) solve: the tangent pass holds N n x n blocks once.
-    _, linearisation = discretisation.linearise(vector_field, ts, ys, stages, args)
-    t_ys, t_stages = linearisation.solve(rhs, t_y0)
+    # (diagonal) solve: the tangent pass holds N n x n blocks once. Its products
+    # run at full precision: unlike a Newton direction, no later iteration corrects
+    # them (on GPUs float32 products otherwise default to TensorFloat-32).
+    with jax.default_matmul_precision("highest"):
+        _, linearisation = discretisation.linearise(vector_field, ts, ys, stages, args)
+        t_ys, t_stages = linearisation.solve(rhs, t_y0)
     t_stats = jax.custom_derivatives.zero_from_primal(stats, symbolic_zeros=True)
     return (ys, stages, stats), (t_ys, t_stages, t_stats)
 
