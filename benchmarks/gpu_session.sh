@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs benchmark stages on a GPU machine that has JAX with CUDA but nothing else of
+# ours: installs the pinned pure-Python dependencies from wheels in .whl/ (fetch them
+# first, on a machine with network access:
+#   pip download --no-deps --only-binary=:all: -d .whl \
+#     diffrax==0.7.2 equinox==0.13.8 lineax==0.1.1 optimistix==0.1.0
+# ), puts src/ on the path, and writes each stage's table and log to $OUT.
+# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling
+set -u
+OUT=${OUT:-benchmark-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+py=python3
+if [ ! -d /tmp/site ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
+if ! $py -c "import diffrax_deer, diffrax, jax; print(jax.__version__, diffrax.__version__, jax.devices())"; then
+  echo "pinned wheels failed; falling back to the image's packages"
+  export PYTHONPATH=$PWD/src:$PWD/benchmarks
+  $py -c "import diffrax_deer, diffrax, jax; print(jax.__version__, diffrax.__version__, jax.devices())" || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    smoke) $py benchmarks/forward.py --quick 2>&1 | tail -8 ;;
+    forward) $py benchmarks/forward.py --markdown $OUT/forward.md --json $OUT/forward.json 2>&1 | tee $OUT/forward.log | tail -15 ;;
+    forward32) $py benchmarks/forward.py --dtypes float32 --markdown $OUT/forward32.md --json $OUT/forward32.json 2>&1 | tee $OUT/forward32.log | tail -8 ;;
+    forward6) $py benchmarks/forward.py --sizes 1e6 --dtypes float32 --repeats 3 --markdown $OUT/forward6.md 2>&1 | tee $OUT/forward6.log | tail -8 ;;
+    gradients) $py benchmarks/gradients.py --markdown $OUT/gradients.md --json $OUT/gradients.json 2>&1 | tee $OUT/gradients.log | tail -15 ;;
+    scaling) $py benchmarks/newton_scaling.py --max-full-size 256 --markdown $OUT/scaling.md --json $OUT/scaling.json 2>&1 | tee $OUT/scaling.log | tail -15 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "=== done $(date +%T)"
