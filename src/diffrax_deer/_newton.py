@@ -1,5 +1,7 @@
 """Newton's method on the residual of a whole trajectory, one parallel scan per step."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -135,8 +137,11 @@ def newton_solve(
     that ratio $\rho$ ($\lambda \leftarrow \lambda \max(\tfrac13, 1 - (2\rho - 1)^3)$
     on acceptance, doubling growth on rejection). It is switched off below
     $10^{-6}$ or when a damped step is within tolerance: only an undamped step can
-    show convergence, and if that fails, damping resumes where it was. Where plain
-    Newton converges the cost is one extra evaluation of $f$ per iteration. Without
+    show convergence, and if that fails, damping resumes where it was. The rescue is
+    a second loop after plain Newton's, entered only when plain Newton overflowed,
+    so where plain Newton converges its iterations are exactly those without
+    damping (the rescue's buffers are still reserved: up to twice the memory for
+    dense Jacobians). Without
     damping, a non-finite step is halved and retried.
 
     Newton has converged when an undamped step is within `atol + rtol * |y|` in the
@@ -174,21 +179,21 @@ def newton_solve(
     def linearise(ys, stages):
         return discretisation.linearise(vector_field, ts, ys, stages, args, jacobian)
 
-    def step(linearisation, negative_residual, offsets, damping_value):
+    def step(linearisation, negative_residual, offsets, damping_value, damped):
         transitions = linearisation.transitions
 
         def plain():
             return solve_affine_recurrence(transitions, offsets, zero_update)
 
-        def damped():
+        def levenberg_marquardt():
             return solve_damped_recurrence(transitions, offsets, damping_value)
 
-        if damping:
-            delta_ys = jax.lax.cond(damping_value > 0, damped, plain)
+        if damped:
+            delta_ys = jax.lax.cond(damping_value > 0, levenberg_marquardt, plain)
         else:
             delta_ys = plain()
         delta_stages = linearisation.stage_update(negative_residual, delta_ys)
-        if damping:
+        if damped:
             model = _model_residual(transitions, offsets, delta_ys)
             return delta_ys, delta_stages, 0.5 * _sum_squares(model)
         return delta_ys, delta_stages, None
@@ -197,7 +202,13 @@ def newton_solve(
         num_iters, _, _, _, _, stop = carry
         return (num_iters < max_iters) & ~stop
 
-    def body_fun(carry):
+    def make_body(damped: bool):
+        # `damped=False`: plain DEER steps only. A non-finite step is halved and
+        # retried, or with `damping`, ends the loop: the rescue takes over.
+        # `damped=True`: the rescue loop, Levenberg-Marquardt and undamped steps.
+        return functools.partial(body_fun, damped=damped)
+
+    def body_fun(carry, damped):
         num_iters, state, best, control, counts, _ = carry
         ys, stages, residual, linearisation = state
         best_ys, best_stages, best_norm = best
@@ -223,7 +234,7 @@ def newton_solve(
         negative_residual = jtu.tree_map(jnp.negative, residual)
         offsets, merit = _merit(linearisation, residual)
         delta_ys, delta_stages, model_merit = step(
-            linearisation, negative_residual, offsets, damping_value
+            linearisation, negative_residual, offsets, damping_value, damped
         )
         trial_ys = ys + step_fraction * delta_ys
         trial_stages = jtu.tree_map(
@@ -236,7 +247,7 @@ def newton_solve(
         undamped = damping_value == 0
         converged = finite & small & undamped & (step_fraction == 1)
         restart = jnp.array(False)
-        if damping:
+        if damped:
             # Damped: actual over predicted decrease of the merit, both measured with
             # this linearisation's per-interval solves. (Undamped, the residual at
             # the trial is left to the next linearisation: no extra evaluation.)
@@ -275,6 +286,12 @@ def newton_solve(
             new_growth = jnp.where(undamped | accept_damped, 2.0, 2 * damping_growth)
             new_fraction = step_fraction
             stuck = new_damping > _MAX_DAMPING
+        elif damping:
+            accept = finite
+            new_damping = damping_value
+            new_growth = damping_growth
+            new_fraction = step_fraction
+            stuck = ~finite
         else:
             accept = finite
             new_damping = damping_value
@@ -318,6 +335,26 @@ def newton_solve(
         counts = (num_rejected + (~accept).astype(jnp.int32), converged)
         return num_iters + 1, state, best, control, counts, converged | stuck
 
+    def rescue(carry):
+        # From the best iterate, with Levenberg-Marquardt steps.
+        num_iters, _, best, control, counts, _ = carry
+        best_ys, best_stages, _ = best
+        residual, linearisation = linearise(best_ys, best_stages)
+        first = jnp.array(_FIRST_DAMPING, real_dtype)
+        _, _, step_fraction, update_norm, last_non_finite, _, _ = control
+        control = (
+            first,
+            jnp.array(2, real_dtype),
+            step_fraction,
+            update_norm,
+            last_non_finite,
+            first,
+            jnp.array(0, jnp.int32),
+        )
+        state = (best_ys, best_stages, residual, linearisation)
+        carry = (num_iters, state, best, control, counts, jnp.array(False))
+        return jax.lax.while_loop(cond_fun, make_body(damped=True), carry)
+
     residual, linearisation = linearise(guess, stages)
     guess_norm = _residual_norm(residual)
     init = (
@@ -338,9 +375,15 @@ def newton_solve(
         (jnp.array(0, jnp.int32), jnp.array(False)),
         jnp.array(False),
     )
-    num_iters, state, best, control, counts, _ = jax.lax.while_loop(
-        cond_fun, body_fun, init
-    )
+    carry = jax.lax.while_loop(cond_fun, make_body(damped=False), init)
+    if damping:
+        # A separate loop, so that plain Newton (usually all there is) runs exactly
+        # as without damping: its iterations cost the same and XLA can reuse the
+        # buffers of one loop for the other.
+        num_iters, _, _, control, counts, _ = carry
+        needs_rescue = (num_iters < max_iters) & ~counts[1] & control[4]
+        carry = jax.lax.cond(needs_rescue, rescue, lambda c: c, carry)
+    num_iters, state, best, control, counts, _ = carry
     damping_value, _, _, update_norm, last_non_finite, _, _ = control
     num_rejected, converged = counts
     final_ys, final_stages, final_residual, _ = state
