@@ -58,14 +58,15 @@ def solve_affine_recurrence(
 
     The array $(d_0, d_1, \ldots, d_N)$ of shape `(N + 1, n)`.
     """
+    # d_1 = A_0 d_0 + b_0 folded into the first offset: then only the offsets of the
+    # prefix compositions are needed, and XLA drops the last level's transitions
+    # instead of storing all N prefix products (N n x n matrices, or N n values).
     if is_diagonal(transitions, offsets):
-        prefix_transitions, prefix_offsets = jax.lax.associative_scan(
-            _compose_diagonal, (transitions, offsets)
-        )
-        rest = prefix_transitions * initial + prefix_offsets
+        combine = _compose_diagonal
+        first = transitions[0] * initial + offsets[0]
     else:
-        prefix_transitions, prefix_offsets = jax.lax.associative_scan(
-            _compose, (transitions, offsets)
-        )
-        rest = (prefix_transitions @ initial) + prefix_offsets
+        combine = _compose
+        first = transitions[0] @ initial + offsets[0]
+    offsets = offsets.at[0].set(first)
+    _, rest = jax.lax.associative_scan(combine, (transitions, offsets))
     return jnp.concatenate([initial[None], rest], axis=0)
