@@ -181,9 +181,11 @@ class DeerSolver(AbstractSolver):
         dynamics, trained networks): from the best iterate it continues with
         Levenberg-Marquardt steps, a parallel Kalman smoother, with the damping
         adapted from the actual against the predicted decrease of the residual.
-        Until a step overflows Newton runs undamped, so runtime is unchanged; off by
-        default because it about triples compile time (measured in
-        `docs/benchmarks.md`). Without it, a non-finite step is halved and retried.
+        The rescue is a second loop, entered only after an overflow, so plain
+        Newton's iterations cost the same; off by default because it about
+        triples compile time and reserves the Kalman smoother's memory (measured
+        in `docs/benchmarks.md`). Without it, a non-finite step is halved and
+        retried.
     - `method`: the one-step scheme. The implicit trapezoidal rule
         ([`diffrax_deer.Trapezoid`][], 2nd order, A-stable) by default;
         [`diffrax_deer.BackwardEuler`][] (1st, L-stable),
