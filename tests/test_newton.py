@@ -228,6 +228,63 @@ def test_damping_costs_nothing_when_newton_converges():
 
 
 # --------------------------------------------------------------------------------------
+# Damping: converges where plain DEER overflows
+# --------------------------------------------------------------------------------------
+
+
+def ghost_network(t, y, args):
+    # A 2-unit tanh layer with a linear skip, driving a stiff tanh readout (rate 100).
+    # From y = 0 the state relaxes to its only equilibrium, x* = 2.9411, contracting
+    # all the way (df/dx < 0 on [0, x*]). But near 0 the field is almost linear,
+    # x' ~ 1 - 0.107 x, so DEER's first step from the constant guess heads for
+    # x ~ 9.3, where the second unit makes the field expanding (df/dx ~ +0.86): the
+    # next step grows like e^{0.86 t} and overflows even float64 over t1 = 1500.
+    # Levenberg-Marquardt steps creep up from the front and never go there.
+    x, z = y[0], y[1]
+    weights_in = jnp.array([1.0, 1.5], y.dtype)
+    biases = jnp.array([-3.0, -14.25], y.dtype)
+    weights_out = jnp.array([-0.75, 0.7], y.dtype)
+    dx = 0.95 - 0.1 * x + weights_out @ jnp.tanh(weights_in * x + biases)
+    return jnp.stack([dx, 100.0 * (jnp.tanh(x) - z)])
+
+
+def test_damping_converges_where_plain_deer_overflows():
+    t1, num_steps = 1500.0, 1500
+    y0 = jnp.zeros(2)
+    save = jnp.array([1.0, 2.0, 5.0, 10.0, 50.0, t1])
+    results = {}
+    for damping in (False, True):
+        solver = DeerSolver(
+            num_steps=num_steps, damping=damping, predictor_steps=0, max_iters=50
+        )
+        results[damping] = diffrax.diffeqsolve(
+            diffrax.ODETerm(ghost_network),
+            solver,
+            0.0,
+            t1,
+            t1,
+            y0,
+            saveat=diffrax.SaveAt(ts=save, solver_state=True),
+            throw=False,
+        )
+    plain, damped = results[False], results[True]
+    # Plain DEER: its second step is non-finite, and halving it never helps.
+    assert plain.result == diffrax.RESULTS.nonlinear_divergence
+    # Damped: converges, in a few Levenberg-Marquardt steps and a final plain one.
+    assert damped.result == diffrax.RESULTS.successful
+    assert int(damped.solver_state.num_iters) < 30
+    assert float(damped.solver_state.residual_norm) < 1e-12
+    # ... to the sequential trapezoid solution on the same grid, and the equilibrium.
+    ts = np.linspace(0.0, t1, num_steps + 1)
+    reference = sequential_trapezoid(ghost_network, y0, ts)
+    nodes = np.asarray(save, dtype=int)
+    np.testing.assert_allclose(damped.ys, reference[nodes], rtol=1e-8, atol=1e-10)
+    x_end, z_end = np.asarray(damped.ys[-1])
+    np.testing.assert_allclose(x_end, 2.9411165, rtol=1e-6)  # the equilibrium
+    np.testing.assert_allclose(z_end, np.tanh(x_end), rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
 # Property: for any stable linear system and grid, Newton lands on the discrete solution
 # --------------------------------------------------------------------------------------
 
