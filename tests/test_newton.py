@@ -127,8 +127,9 @@ def _compiled_memory_over_trajectory(size, jacobian):
 
 def test_diagonal_memory_is_linear_in_state_size():
     # The diagonal mode never forms N x n x n: at n = 256 it needs a small multiple
-    # of the trajectory (measured 10.3x); the full mode needs about 6 n times it.
-    assert _compiled_memory_over_trajectory(256, "diagonal") < 12
+    # of the trajectory (measured 7.0x; the floor is 10x); the full mode
+    # needs about 4 n times it.
+    assert _compiled_memory_over_trajectory(256, "diagonal") <= 10
     assert _compiled_memory_over_trajectory(64, "full") > 64 / 2
 
 

@@ -1,7 +1,5 @@
 """Newton's method on the residual of a whole trajectory, one parallel scan per step."""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -144,6 +142,10 @@ def newton_solve(
     dense Jacobians). Without
     damping, a non-finite step is halved and retried.
 
+    Plain Newton carries only the iterate (and the best one) from one iteration to
+    the next: each iteration forms its linearisation and lets it go, so memory is
+    about 7 trajectories with diagonal Jacobians and $O(N n^2)$ once with full ones.
+
     Newton has converged when an undamped step is within `atol + rtol * |y|` in the
     RMS norm at every node. It stops then, at `max_iters`, or when the damping
     passes $10^{12}$ (undamped: the step shrinks below $2^{-20}$) without an
@@ -202,16 +204,74 @@ def newton_solve(
         num_iters, _, _, _, _, stop = carry
         return (num_iters < max_iters) & ~stop
 
-    def make_body(damped: bool):
-        # `damped=False`: plain DEER steps only. A non-finite step is halved and
-        # retried, or with `damping`, ends the loop: the rescue takes over.
-        # `damped=True`: the rescue loop, Levenberg-Marquardt and undamped steps.
-        return functools.partial(body_fun, damped=damped)
+    def trial_point(ys, stages, step_fraction, delta_ys, delta_stages):
+        # The iterate after the step, and the step's scaled size (at most 1:
+        # within tolerance).
+        trial_ys = ys + step_fraction * delta_ys
+        trial_stages = jtu.tree_map(
+            lambda z, dz: z + step_fraction * dz, stages, delta_stages
+        )
+        scale = atol + rtol * jnp.maximum(jnp.abs(ys), jnp.abs(trial_ys))
+        update_norm = _max_rms(step_fraction * delta_ys / scale)
+        finite = jnp.isfinite(update_norm) & _all_finite((trial_ys, trial_stages))
+        return trial_ys, trial_stages, update_norm, finite
 
-    def body_fun(carry, damped):
+    def update_best(best, ys, stages, residual):
+        # Best iterate so far, judged at the current one, whose residual we have.
+        current_norm = _residual_norm(residual)
+        current_norm = jnp.where(jnp.isfinite(current_norm), current_norm, jnp.inf)
+        return jax.lax.cond(
+            current_norm < best[2],
+            lambda: (ys, stages, current_norm),
+            lambda: best,
+        )
+
+    def plain_body(carry):
+        # Plain DEER. Only the iterate is carried: its linearisation is formed here
+        # and dies here, so it is not live through the next one. A non-finite step
+        # is halved and retried (relinearising at the same point: failures only),
+        # or with `damping`, ends the loop and the rescue takes over.
+        num_iters, (ys, stages), best, control, counts, _ = carry
+        step_fraction, last_update_norm = control[2], control[3]
+        num_rejected, _ = counts
+        residual, linearisation = linearise(ys, stages)
+        best = update_best(best, ys, stages, residual)
+        negative_residual = jtu.tree_map(jnp.negative, residual)
+        offsets = linearisation.offsets(negative_residual)
+        delta_ys, delta_stages, _ = step(
+            linearisation, negative_residual, offsets, None, damped=False
+        )
+        trial_ys, trial_stages, update_norm, finite = trial_point(
+            ys, stages, step_fraction, delta_ys, delta_stages
+        )
+        converged = finite & (update_norm <= 1) & (step_fraction == 1)
+        if damping:
+            new_fraction = step_fraction
+            stuck = ~finite
+        else:
+            new_fraction = jnp.where(finite, 1.0, step_fraction / 2)
+            stuck = new_fraction < _MIN_STEP_FRACTION
+        iterate = jtu.tree_map(
+            lambda t, z: jnp.where(finite, t, z),
+            (trial_ys, trial_stages),
+            (ys, stages),
+        )
+        control = (
+            *control[:2],
+            jnp.asarray(new_fraction, real_dtype),
+            jnp.where(finite, update_norm, last_update_norm),
+            ~finite,
+            *control[5:],
+        )
+        counts = (num_rejected + (~finite).astype(jnp.int32), converged)
+        return num_iters + 1, iterate, best, control, counts, converged | stuck
+
+    def damped_body(carry):
+        # The rescue: Levenberg-Marquardt steps, and undamped ones once the damping
+        # has fallen. The linearisation is carried, so a rejected step is retried
+        # with a larger damping without forming it again.
         num_iters, state, best, control, counts, _ = carry
         ys, stages, residual, linearisation = state
-        best_ys, best_stages, best_norm = best
         (
             damping_value,
             damping_growth,
@@ -222,82 +282,55 @@ def newton_solve(
             undamped_run,
         ) = control
         num_rejected, _ = counts
-        # Best iterate so far, judged at the current one, whose residual we have.
-        current_norm = _residual_norm(residual)
-        current_norm = jnp.where(jnp.isfinite(current_norm), current_norm, jnp.inf)
-        best = jax.lax.cond(
-            current_norm < best_norm,
-            lambda: (ys, stages, current_norm),
-            lambda: best,
-        )
-        best_ys, best_stages, best_norm = best
+        best = update_best(best, ys, stages, residual)
+        best_ys, best_stages, _ = best
         negative_residual = jtu.tree_map(jnp.negative, residual)
         offsets, merit = _merit(linearisation, residual)
         delta_ys, delta_stages, model_merit = step(
-            linearisation, negative_residual, offsets, damping_value, damped
+            linearisation, negative_residual, offsets, damping_value, damped=True
         )
-        trial_ys = ys + step_fraction * delta_ys
-        trial_stages = jtu.tree_map(
-            lambda z, dz: z + step_fraction * dz, stages, delta_stages
+        trial_ys, trial_stages, update_norm, finite = trial_point(
+            ys, stages, step_fraction, delta_ys, delta_stages
         )
-        scale = atol + rtol * jnp.maximum(jnp.abs(ys), jnp.abs(trial_ys))
-        update_norm = _max_rms(step_fraction * delta_ys / scale)
-        finite = jnp.isfinite(update_norm) & _all_finite((trial_ys, trial_stages))
         small = update_norm <= 1
         undamped = damping_value == 0
         converged = finite & small & undamped & (step_fraction == 1)
-        restart = jnp.array(False)
-        if damped:
-            # Damped: actual over predicted decrease of the merit, both measured with
-            # this linearisation's per-interval solves. (Undamped, the residual at
-            # the trial is left to the next linearisation: no extra evaluation.)
-            trial_residual = discretisation.residual(
-                vector_field, ts, trial_ys, trial_stages, args
-            )
-            _, trial_merit = _merit(linearisation, trial_residual)
-            # Undamped steps need only be finite (their merit may overflow in
-            # float32 on the way to converging); damped ones must lower the merit.
-            give_up = ~finite
-            finite = jnp.where(undamped, finite, finite & jnp.isfinite(trial_merit))
-            predicted = merit - model_merit
-            ratio = (merit - trial_merit) / jnp.where(predicted > 0, predicted, 1)
-            ratio = jnp.where(predicted > 0, ratio, 1)
-            accept_damped = finite & ((ratio >= _ACCEPT_RATIO) | small)
-            accept = jnp.where(undamped, ~give_up, accept_damped) | converged
-            restart = undamped & give_up & ~converged
-            nielsen = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
-            new_damping = jnp.where(
-                undamped,
-                jnp.where(restart, restart_damping, 0.0),
-                jnp.where(
-                    accept_damped,
-                    damping_value * nielsen,
-                    damping_value * damping_growth,
-                ),
-            )
-            # A small damped step proves nothing: try an undamped one next.
-            switch_off = (new_damping < _MIN_DAMPING) | (accept & small)
-            restart_damping = jnp.where(
-                ~undamped & switch_off,
-                jnp.maximum(4 * damping_value, 4 * _MIN_DAMPING),
-                restart_damping,
-            )
-            new_damping = jnp.where(switch_off, 0.0, new_damping)
-            new_growth = jnp.where(undamped | accept_damped, 2.0, 2 * damping_growth)
-            new_fraction = step_fraction
-            stuck = new_damping > _MAX_DAMPING
-        elif damping:
-            accept = finite
-            new_damping = damping_value
-            new_growth = damping_growth
-            new_fraction = step_fraction
-            stuck = ~finite
-        else:
-            accept = finite
-            new_damping = damping_value
-            new_growth = damping_growth
-            new_fraction = jnp.where(finite, 1.0, step_fraction / 2)
-            stuck = new_fraction < _MIN_STEP_FRACTION
+        # Actual over predicted decrease of the merit, both measured with this
+        # linearisation's per-interval solves.
+        trial_residual = discretisation.residual(
+            vector_field, ts, trial_ys, trial_stages, args
+        )
+        _, trial_merit = _merit(linearisation, trial_residual)
+        # Undamped steps need only be finite (their merit may overflow in
+        # float32 on the way to converging); damped ones must lower the merit.
+        give_up = ~finite
+        finite = jnp.where(undamped, finite, finite & jnp.isfinite(trial_merit))
+        predicted = merit - model_merit
+        ratio = (merit - trial_merit) / jnp.where(predicted > 0, predicted, 1)
+        ratio = jnp.where(predicted > 0, ratio, 1)
+        accept_damped = finite & ((ratio >= _ACCEPT_RATIO) | small)
+        accept = jnp.where(undamped, ~give_up, accept_damped) | converged
+        restart = undamped & give_up & ~converged
+        nielsen = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
+        new_damping = jnp.where(
+            undamped,
+            jnp.where(restart, restart_damping, 0.0),
+            jnp.where(
+                accept_damped,
+                damping_value * nielsen,
+                damping_value * damping_growth,
+            ),
+        )
+        # A small damped step proves nothing: try an undamped one next.
+        switch_off = (new_damping < _MIN_DAMPING) | (accept & small)
+        restart_damping = jnp.where(
+            ~undamped & switch_off,
+            jnp.maximum(4 * damping_value, 4 * _MIN_DAMPING),
+            restart_damping,
+        )
+        new_damping = jnp.where(switch_off, 0.0, new_damping)
+        new_growth = jnp.where(undamped | accept_damped, 2.0, 2 * damping_growth)
+        stuck = new_damping > _MAX_DAMPING
 
         def keep():
             return state
@@ -326,7 +359,7 @@ def newton_solve(
         control = (
             new_damping.astype(real_dtype),
             new_growth.astype(real_dtype),
-            new_fraction.astype(real_dtype),
+            step_fraction,
             jnp.where(accept, update_norm, control[3]),
             ~finite,
             jnp.asarray(restart_damping, real_dtype),
@@ -353,20 +386,22 @@ def newton_solve(
         )
         state = (best_ys, best_stages, residual, linearisation)
         carry = (num_iters, state, best, control, counts, jnp.array(False))
-        return jax.lax.while_loop(cond_fun, make_body(damped=True), carry)
+        num_iters, state, best, control, counts, stop = jax.lax.while_loop(
+            cond_fun, damped_body, carry
+        )
+        ys, stages, _, _ = state
+        return num_iters, (ys, stages), best, control, counts, stop
 
-    residual, linearisation = linearise(guess, stages)
-    guess_norm = _residual_norm(residual)
     init = (
         jnp.array(0, jnp.int32),
-        (guess, stages, residual, linearisation),
+        (guess, stages),
         (guess, stages, jnp.array(jnp.inf, real_dtype)),
         (
             jnp.array(0, real_dtype),
             jnp.array(2, real_dtype),
             jnp.array(1, real_dtype),
             jnp.array(jnp.inf, real_dtype),
-            ~jnp.isfinite(guess_norm),
+            jnp.array(False),
             jnp.array(_FIRST_DAMPING, real_dtype),
             # Counts as a run of undamped steps: a failure at the start restarts
             # from the best iterate.
@@ -375,7 +410,7 @@ def newton_solve(
         (jnp.array(0, jnp.int32), jnp.array(False)),
         jnp.array(False),
     )
-    carry = jax.lax.while_loop(cond_fun, make_body(damped=False), init)
+    carry = jax.lax.while_loop(cond_fun, plain_body, init)
     if damping:
         # A separate loop, so that plain Newton (usually all there is) runs exactly
         # as without damping: its iterations cost the same and XLA can reuse the
@@ -383,12 +418,14 @@ def newton_solve(
         num_iters, _, _, control, counts, _ = carry
         needs_rescue = (num_iters < max_iters) & ~counts[1] & control[4]
         carry = jax.lax.cond(needs_rescue, rescue, lambda c: c, carry)
-    num_iters, state, best, control, counts, _ = carry
+    num_iters, (final_ys, final_stages), best, control, counts, _ = carry
     damping_value, _, _, update_norm, last_non_finite, _, _ = control
     num_rejected, converged = counts
-    final_ys, final_stages, final_residual, _ = state
     best_ys, best_stages, best_norm = best
-    final_norm = _residual_norm(final_residual)
+    final_norm = _residual_norm(
+        discretisation.residual(vector_field, ts, final_ys, final_stages, args)
+    )
+    final_norm = jnp.where(jnp.isfinite(final_norm), final_norm, jnp.inf)
     # Converged: the last iterate. Otherwise the one with the smallest residual.
     use_final = converged | (final_norm < best_norm)
     ys, stages = jtu.tree_map(
@@ -396,11 +433,7 @@ def newton_solve(
         (final_ys, final_stages),
         (best_ys, best_stages),
     )
-    residual_norm = jnp.where(
-        converged,
-        _residual_norm(discretisation.residual(vector_field, ts, ys, stages, args)),
-        jnp.minimum(best_norm, final_norm),
-    )
+    residual_norm = jnp.where(use_final, final_norm, best_norm)
     stats = NewtonStats(
         num_iters=num_iters,
         num_rejected=num_rejected,
