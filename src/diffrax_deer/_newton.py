@@ -138,7 +138,7 @@ def newton_solve(
     show convergence, and if that fails, damping resumes where it was. The rescue is
     a second loop after plain Newton's, entered only when plain Newton overflowed,
     so where plain Newton converges its iterations are exactly those without
-    damping (the rescue's buffers are still reserved: up to twice the memory for
+    damping (the rescue's buffers are still reserved: up to 3x the memory for
     dense Jacobians). Without
     damping, a non-finite step is halved and retried.
 
