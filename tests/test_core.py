@@ -7,7 +7,10 @@ import pytest
 
 from conftest import lorenz, trapezoid_linear_reference
 from diffrax_deer import Trapezoid, newton_solve, solve_affine_recurrence
-from diffrax_deer._hermite import hermite_on_uniform_grid
+from diffrax_deer._hermite import (
+    hermite_on_uniform_grid,
+    quintic_hermite_on_uniform_grid,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -216,3 +219,37 @@ def test_hermite_reproduces_cubics():
     times = t0 + spacing * positions
     expected = np.stack([cubic(times), -2 * cubic(times)], axis=-1)
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_quintic_hermite_reproduces_quintics():
+    # c0 + c1 t + ... + c5 t^5, with values, first and second derivatives at nodes.
+    polynomial = np.array([0.7, -1.3, 0.4, 2.1, -0.6, 0.25])[::-1]
+    first = np.polyder(polynomial)
+    second = np.polyder(polynomial, 2)
+    t0, spacing, num_intervals = -0.8, 0.37, 9
+    nodes = t0 + spacing * np.arange(num_intervals + 1)
+
+    def at(coefficients, t):
+        # Two components (a different quintic in each) for the trailing axes.
+        value = np.polyval(coefficients, t)
+        return jnp.asarray(np.stack([value, -2 * value], axis=-1))
+
+    positions = np.concatenate(
+        [
+            np.random.default_rng(1).uniform(0, num_intervals, size=50),
+            np.arange(num_intervals + 1),
+            [-0.3, num_intervals + 0.4],
+        ]
+    )
+    interpolate = jax.vmap(
+        quintic_hermite_on_uniform_grid, in_axes=(None, None, None, 0, None)
+    )
+    result = jax.jit(interpolate)(
+        at(polynomial, nodes),
+        at(first, nodes),
+        at(second, nodes),
+        jnp.asarray(positions),
+        jnp.asarray(spacing),
+    )
+    expected = at(polynomial, t0 + spacing * positions)
+    np.testing.assert_allclose(result, expected, rtol=1e-11, atol=1e-11)

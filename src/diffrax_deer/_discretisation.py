@@ -30,6 +30,25 @@ def evaluate_nodes(
     return jax.vmap(vector_field, in_axes=(0, 0, None))(ts, ys, args)
 
 
+def evaluate_nodes_and_time_derivatives(
+    vector_field: VectorField,
+    ts: Real[Array, " points"],
+    ys: Inexact[Array, "points n"],
+    args: PyTree[Any],
+) -> tuple[Inexact[Array, "points n"], Inexact[Array, "points n"]]:
+    r"""$y' = f(t_i, y_i)$ and $y'' = \partial_t f + \partial_y f \, f$ at every
+    point at once: one JVP of $f$ along the solution's own direction $(1, y')$."""
+
+    def first_and_second(t, y):
+        def along(_t, _y):
+            return vector_field(_t, _y, args)
+
+        first, along_linear = jax.linearize(along, t, y)
+        return first, along_linear(jnp.ones_like(t), first)
+
+    return jax.vmap(first_and_second)(ts, ys)
+
+
 def evaluate_nodes_and_jacobians(
     vector_field: VectorField,
     ts: Real[Array, " points"],
@@ -249,7 +268,8 @@ class AbstractDiscretisation(eqx.Module):
         args: PyTree[Any],
     ) -> PyTree[Array]:
         """What [`diffrax_deer.AbstractDiscretisation.interpolate`][] needs besides
-        the nodes: by default the vector field at the nodes, for cubic Hermite."""
+        the nodes: by default the vector field at the nodes, for cubic Hermite
+        (collocation methods add $y''$ for quintic Hermite)."""
         del stages
         return evaluate_nodes(vector_field, ts, ys, args)
 

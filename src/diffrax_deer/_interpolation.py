@@ -13,9 +13,10 @@ from ._discretisation import AbstractDiscretisation
 class DeerInterpolation(AbstractLocalInterpolation):
     r"""Interpolation through the nodes of one window, by the window's method.
 
-    The window $[t_0, t_1]$ holds $N$ uniform intervals. By default (trapezoid,
-    backward Euler, collocation) each interval uses the cubic Hermite polynomial
-    matching $y$ and $y' = f(t, y)$ at both ends ($C^1$, third-order accurate); an
+    The window $[t_0, t_1]$ holds $N$ uniform intervals. The trapezoid and backward
+    Euler use on each interval the cubic Hermite polynomial matching $y$ and
+    $y' = f(t, y)$ at both ends ($C^1$, third-order accurate); the collocation
+    methods the quintic that also matches $y''$ ($C^2$, fifth-order accurate); an
     explicit diffrax solver uses its own interpolation.
 
     **Arguments:**

@@ -138,8 +138,8 @@ class DeerSolver(AbstractSolver):
     window; a smaller `dt0` gives consecutive windows, each solved in parallel in
     time. Shorter windows are the remedy when Newton does not converge (chaotic
     dynamics over a long window). Values between nodes (`SaveAt(ts=...)`,
-    `SaveAt(dense=True)`) come from cubic Hermite interpolation (or an explicit
-    solver's own interpolation). With
+    `SaveAt(dense=True)`) come from Hermite interpolation (cubic; quintic for the
+    collocation methods) or an explicit solver's own interpolation. With
     `SaveAt(dense=True)` set `max_steps` to the number of windows: diffrax stores
     every window's nodes, `max_steps` times.
 
