@@ -4,6 +4,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Inexact, Real
 
 
+def _interval_and_fraction(values: Array, position: Real[Array, ""]):
+    # The interval k holding x = k + s (the first or last one outside [0, N]).
+    num_intervals = values.shape[0] - 1
+    index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
+    return index, (position - index).astype(values.dtype)
+
+
 def hermite_on_uniform_grid(
     values: Inexact[Array, "nodes ..."],
     derivatives: Inexact[Array, "nodes ..."],
@@ -25,9 +32,7 @@ def hermite_on_uniform_grid(
         `[0, N]` extrapolate the first or last cubic.
     - `spacing`: the grid spacing $\Delta$.
     """
-    num_intervals = values.shape[0] - 1
-    index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
-    s = (position - index).astype(values.dtype)
+    index, s = _interval_and_fraction(values, position)
     s2 = s * s
     s3 = s2 * s
     h00 = 2 * s3 - 3 * s2 + 1
@@ -70,9 +75,7 @@ def quintic_hermite_on_uniform_grid(
         `[0, N]` extrapolate the first or last quintic.
     - `spacing`: the grid spacing $\Delta$.
     """
-    num_intervals = values.shape[0] - 1
-    index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
-    s = (position - index).astype(values.dtype)
+    index, s = _interval_and_fraction(values, position)
     s2 = s * s
     s3 = s2 * s
     s4 = s3 * s
