@@ -722,9 +722,9 @@ def to_markdown(
         "settings (rtol = atol = 1e-10, `max_iters=50`, default RK4 predictor), "
         f"`throw=False`. Max err: largest absolute error at {NUM_SAVES} save times "
         "(`SaveAt(ts=linspace(t0, t1, 101))`) against the reference; between nodes "
-        "the values come from cubic Hermite interpolation (the Tsit5 map: Tsit5's "
-        "own interpolation), so for the high-order methods max err can be set by "
-        "the interpolation, not the nodes. Err at t1: the last node alone. N: the "
+        "the values come from Hermite interpolation: cubic for the trapezoid and "
+        "backward Euler, quintic (sixth order) for the collocation methods, Tsit5's "
+        "own for the Tsit5 map. Err at t1: the last node alone. N: the "
         "smallest N reaching the target with Newton converged, searched on the "
         f"ladder {settings['ladder_text']}"
         + (
