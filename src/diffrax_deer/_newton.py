@@ -396,6 +396,9 @@ def newton_solve(
         jnp.array(0, jnp.int32),
         (guess, stages),
         (guess, stages, jnp.array(jnp.inf, real_dtype)),
+        # Control: damping, its growth on rejection, step fraction, last update
+        # norm, last step non-finite, restart damping, undamped run. Plain Newton
+        # uses only the middle three; `rescue` sets the damping fields itself.
         (
             jnp.array(0, real_dtype),
             jnp.array(2, real_dtype),
@@ -403,9 +406,7 @@ def newton_solve(
             jnp.array(jnp.inf, real_dtype),
             jnp.array(False),
             jnp.array(_FIRST_DAMPING, real_dtype),
-            # Counts as a run of undamped steps: a failure at the start restarts
-            # from the best iterate.
-            jnp.array(1, jnp.int32),
+            jnp.array(0, jnp.int32),
         ),
         (jnp.array(0, jnp.int32), jnp.array(False)),
         jnp.array(False),
