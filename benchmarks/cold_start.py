@@ -39,8 +39,8 @@ from _timing import (  # noqa: E402
     write_text,
 )
 from diffrax_deer import DeerSolver  # noqa: E402
-from diffrax_deer._predictor import default_predictor_steps  # noqa: E402
-from diffrax_deer._problems import MLPVectorField  # noqa: E402
+from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
+from diffrax_deer._core.predictor import default_predictor_steps  # noqa: E402
 
 
 NUM_STEPS = 10_000

@@ -46,7 +46,7 @@ from _timing import (  # noqa: E402
     write_text,
 )
 from diffrax_deer import DeerSolver  # noqa: E402
-from diffrax_deer._problems import MLPVectorField  # noqa: E402
+from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
 
 
 T0, T1 = 0.0, 10.0

@@ -33,7 +33,7 @@ from _timing import (
     write_text,
 )
 from diffrax_deer import DeerSolver
-from diffrax_deer._problems import MLPVectorField
+from diffrax_deer._bench.problems import MLPVectorField
 
 
 def field_of_size(size: int) -> MLPVectorField:

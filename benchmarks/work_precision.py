@@ -77,7 +77,7 @@ from diffrax_deer import (  # noqa: E402
     Trapezoid,
     __version__ as diffrax_deer_version,
 )
-from diffrax_deer._problems import MLPVectorField  # noqa: E402
+from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
 
 
 NUM_SAVES = 101

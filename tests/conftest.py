@@ -14,7 +14,7 @@ import numpy as np
 # Tests run in float64; float32 tests pass explicit float32 arrays (t0/t1 included).
 jax.config.update("jax_enable_x64", True)
 
-from diffrax_deer._problems import MLPVectorField  # noqa: E402
+from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from conftest import (
     tsit5_reference,
 )
 from diffrax_deer import DeerSolver, Trapezoid, solve_window
-from diffrax_deer._predictor import default_predictor_steps
+from diffrax_deer._core.predictor import default_predictor_steps
 
 
 NUM_SAVES = 101  # save times per problem, linspace(t0, t1, NUM_SAVES)

@@ -12,7 +12,7 @@ import pytest
 
 from diffrax_deer import DeerSolver
 from diffrax_deer.__main__ import main
-from diffrax_deer._cli_options import METHODS, make_method
+from diffrax_deer._cli.options import METHODS, make_method
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["validate"], ["bench"]])
@@ -97,7 +97,7 @@ def test_demo_json_and_plot(tmp_path, capsys):
     assert plot.stat().st_size > 10_000
 
     # The human-readable report of the same results.
-    from diffrax_deer._demo import format_demo
+    from diffrax_deer._cli.demo import format_demo
 
     report = format_demo(results)
     assert "DeerSolver(num_steps=200, trapezoid)" in report
@@ -106,7 +106,7 @@ def test_demo_json_and_plot(tmp_path, capsys):
 
 
 def test_validate_quick(capsys):
-    from diffrax_deer._cli_validate import format_table
+    from diffrax_deer._cli.validate import format_table
 
     status = main(["validate", "--quick", "--json"])
     captured = capsys.readouterr()
@@ -122,7 +122,7 @@ def test_validate_quick(capsys):
 
 
 def test_validate_exits_1_when_out_of_tolerance(monkeypatch, capsys):
-    from diffrax_deer import _cli_validate
+    from diffrax_deer._cli import validate as _cli_validate
 
     def fake_run_validation(cases, **kwargs):
         assert cases == [("linear", "backward-euler")]
@@ -151,7 +151,7 @@ def test_validate_exits_1_when_out_of_tolerance(monkeypatch, capsys):
 
 
 def test_bench_markdown(monkeypatch, tmp_path, capsys):
-    from diffrax_deer import _cli_bench
+    from diffrax_deer._cli import bench as _cli_bench
 
     machine = dict(
         cpu="Test CPU",

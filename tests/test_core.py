@@ -7,7 +7,7 @@ import pytest
 
 from conftest import lorenz, trapezoid_linear_reference
 from diffrax_deer import Trapezoid, newton_solve, solve_affine_recurrence
-from diffrax_deer._hermite import (
+from diffrax_deer._core.hermite import (
     hermite_on_uniform_grid,
     quintic_hermite_on_uniform_grid,
 )

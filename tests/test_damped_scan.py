@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from diffrax_deer._damped_scan import (
+from diffrax_deer._core.damped_scan import (
     _filter_combine,
     _filter_combine_diagonal,
     _lifted_associative_scan,
     _rows,
     solve_damped_recurrence,
 )
-from diffrax_deer._scan import _compose_diagonal, solve_affine_recurrence
+from diffrax_deer._core.scan import _compose_diagonal, solve_affine_recurrence
 
 
 try:

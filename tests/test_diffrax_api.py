@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrax_deer import DeerSolver, DeerState
-from diffrax_deer._problems import MLPVectorField
+from diffrax_deer._bench.problems import MLPVectorField
 
 
 # float64 unless a test says otherwise (conftest.py sets this too; repeated here so

@@ -21,7 +21,7 @@ from diffrax_deer import (
     Trapezoid,
     newton_solve,
 )
-from diffrax_deer._problems import MLPVectorField
+from diffrax_deer._bench.problems import MLPVectorField
 
 
 # --------------------------------------------------------------------------------------

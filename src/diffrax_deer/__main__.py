@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 
-from ._cli_options import METHODS, PROBLEMS, QUICK_CASES
+from ._cli.options import METHODS, PROBLEMS, QUICK_CASES
 
 
 SUBCOMMANDS = ("demo", "validate", "bench")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     import matplotlib  # noqa: F401
                 except ImportError:
                     parser.error("--plot needs matplotlib: pip install matplotlib")
-            from ._demo import run_demo
+            from ._cli.demo import run_demo
 
             agrees = run_demo(
                 num_steps=options.num_steps,
@@ -273,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0 if agrees else 1
         if options.command == "validate":
-            from . import _cli_validate
+            from ._cli import validate as _cli_validate
 
             return _cli_validate.main(options)
-        from . import _cli_bench
+        from ._cli import bench as _cli_bench
 
         command = shlex.join(["diffrax-deer", *argv])
         return _cli_bench.main(options, command)

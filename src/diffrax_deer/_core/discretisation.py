@@ -7,10 +7,9 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 from jaxtyping import Array, Inexact, PyTree, Real
 
-from ._scan import solve_affine_recurrence
+from .scan import solve_affine_recurrence
 
 
 VectorField = Callable[[Array, Array, PyTree[Any]], Array]
@@ -121,49 +120,6 @@ def evaluate_linearised_nodes(
     if jacobian == "diagonal":
         return evaluate_nodes_and_jacobian_diagonals(vector_field, ts, ys, args)
     return evaluate_nodes_and_jacobians(vector_field, ts, ys, args)
-
-
-class BatchedLinearSolve(eqx.Module):
-    r"""Applies $M_i^{-1}$ for every interval $i$, with one factorisation each.
-
-    Each $M_i$ is factorised by `lineax.LU` (batched over intervals) and inverted
-    once, by solving against the identity; every later right-hand side (the
-    transition matrices, the residual, tangents) is then a batched matrix product.
-    The blocks are small ($n \times n$, or $sn \times sn$ with stages), so the
-    explicit inverse costs no more than the solves it replaces and keeps a single
-    LAPACK call per linearisation: several independent batched triangular solves
-    in one Newton step were what let XLA:CPU's concurrent scheduler deadlock.
-
-    **Arguments:**
-
-    - `matrices`: the per-interval matrices $M_i$, shape `(N, m, m)`.
-    """
-
-    inverses: Inexact[Array, "steps m m"]
-
-    def __init__(self, matrices: Inexact[Array, "steps m m"]):
-        def invert(matrix):
-            operator = lx.MatrixLinearOperator(matrix)
-            factorisation = lx.LU().init(operator, {})
-
-            def solve_column(column):
-                solution, _, _ = lx.LU().compute(factorisation, column, {})
-                return solution
-
-            identity = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-            return jax.vmap(solve_column, in_axes=1, out_axes=1)(identity)
-
-        self.inverses = jax.vmap(invert)(matrices)
-
-    def solve(self, vectors: Inexact[Array, "steps m"]) -> Inexact[Array, "steps m"]:
-        """Returns $M_i^{-1} v_i$ for every interval $i$."""
-        return jnp.einsum("imk,ik->im", self.inverses, vectors)
-
-    def solve_matrices(
-        self, matrices: Inexact[Array, "steps m k"]
-    ) -> Inexact[Array, "steps m k"]:
-        """Returns $M_i^{-1} B_i$ for every interval $i$."""
-        return self.inverses @ matrices
 
 
 class AbstractLinearisation(eqx.Module):
@@ -283,7 +239,7 @@ class AbstractDiscretisation(eqx.Module):
     ) -> Inexact[Array, " n"]:
         """The solution at time `t` of a uniform grid starting at `t_start`; by
         default cubic Hermite through the node values and derivatives."""
-        from ._hermite import hermite_on_uniform_grid
+        from .hermite import hermite_on_uniform_grid
 
         safe_spacing = jnp.where(spacing == 0, 1, spacing)
         position = (t - t_start) / safe_spacing

@@ -6,15 +6,15 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Inexact, Int, PyTree, Real
 
-from ._damped_scan import solve_damped_recurrence
-from ._discretisation import (
+from .damped_scan import solve_damped_recurrence
+from .discretisation import (
     AbstractDiscretisation,
     AbstractLinearisation,
     JacobianMode,
     Residual,
     VectorField,
 )
-from ._scan import is_diagonal, solve_affine_recurrence
+from .scan import is_diagonal, solve_affine_recurrence
 
 
 # Damping is a rescue: Newton runs undamped, as plain DEER, which may let the

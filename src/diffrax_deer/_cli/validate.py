@@ -12,15 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._cli_options import (
+from .._adapter.deer_solver import DeerSolver
+from .demo import MLP_RATE, mlp_field
+from .options import (
     METHODS,
     PROBLEMS,
     QUICK_CASES,
     expected_error_bound,
     make_method,
 )
-from ._demo import MLP_RATE, mlp_field
-from ._solver import DeerSolver
 
 
 NUM_SAVES = 21

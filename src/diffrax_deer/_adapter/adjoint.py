@@ -26,7 +26,7 @@ from diffrax._misc import linear_rescale
 from diffrax._solution import is_successful
 from jaxtyping import Array, Bool, PyTree
 
-from ._solver import DeerSolver, DeerState
+from .deer_solver import DeerSolver, DeerState
 
 
 # The Newton figures of the final `DeerState` that land in `sol.stats`.

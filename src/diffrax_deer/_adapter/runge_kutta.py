@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Inexact
 
-from ._discretisation import (
+from .._core.discretisation import (
     AbstractDiscretisation,
     AbstractLinearisation,
     rowwise_value_and_jacobian_diagonal,

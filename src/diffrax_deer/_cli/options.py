@@ -24,7 +24,7 @@ METHODS: dict[str, tuple[str, int]] = {
 }
 
 
-# name -> description; the problems themselves are in `_cli_validate.py`.
+# name -> description; the problems themselves are in `validate.py`.
 PROBLEMS: dict[str, str] = {
     "linear": "y' = A y, A 10x10 (skew-symmetric - 0.3 I), t in [0, 5]; vs expm",
     "lotka-volterra": "Lotka-Volterra (1.5, 1, 3, 1), t in [0, 10]; vs Tsit5",
@@ -46,8 +46,8 @@ def make_method(name: str):
     """The `method=` argument of `DeerSolver` for a command-line method name."""
     import diffrax
 
-    from ._collocation import GaussLegendre, RadauIIA
-    from ._theta_method import BackwardEuler, Trapezoid
+    from .._methods.collocation import GaussLegendre, RadauIIA
+    from .._methods.theta_method import BackwardEuler, Trapezoid
 
     factories = {
         "trapezoid": Trapezoid,

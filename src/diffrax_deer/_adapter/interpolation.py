@@ -7,7 +7,7 @@ from diffrax import AbstractLocalInterpolation
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Inexact, PyTree, Real, Shaped
 
-from ._discretisation import AbstractDiscretisation
+from .._core.discretisation import AbstractDiscretisation
 
 
 class DeerInterpolation(AbstractLocalInterpolation):

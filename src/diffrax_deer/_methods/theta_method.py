@@ -5,14 +5,14 @@ from typing import ClassVar
 import equinox as eqx
 from jaxtyping import Array, Inexact
 
-from ._discretisation import (
+from .._core.discretisation import (
     AbstractDiscretisation,
     AbstractLinearisation,
-    BatchedLinearSolve,
     evaluate_linearised_nodes,
     evaluate_nodes,
     identity_like,
 )
+from .._core.linear_solve import BatchedLinearSolve
 
 
 class NodeLinearisation(AbstractLinearisation):

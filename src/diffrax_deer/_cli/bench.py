@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._cli_options import make_method
-from ._demo import NUM_SAVES, T0, T1, Y0, mlp_field
-from ._solver import DeerSolver
+from .._adapter.deer_solver import DeerSolver
+from .demo import NUM_SAVES, T0, T1, Y0, mlp_field
+from .options import make_method
 
 
 PID_TOLERANCES = tuple(10.0**-k for k in range(3, 13))

@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Inexact
 
-from ._discretisation import (
+from .._core.discretisation import (
     AbstractDiscretisation,
     AbstractLinearisation,
-    BatchedLinearSolve,
     evaluate_nodes,
     evaluate_nodes_and_jacobian_diagonals,
     evaluate_nodes_and_jacobians,
     evaluate_nodes_and_time_derivatives,
     identity_like,
 )
-from ._hermite import quintic_hermite_on_uniform_grid
+from .._core.hermite import quintic_hermite_on_uniform_grid
+from .._core.linear_solve import BatchedLinearSolve
 
 
 @functools.cache

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact, PyTree
 
-from ._discretisation import VectorField
-from ._hermite import hermite_on_uniform_grid
+from .discretisation import VectorField
+from .hermite import hermite_on_uniform_grid
 
 
 def default_predictor_steps(num_steps: int) -> int:

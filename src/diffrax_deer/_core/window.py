@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Inexact, PyTree
 
-from ._discretisation import AbstractDiscretisation, JacobianMode, VectorField
-from ._newton import NewtonStats, newton_solve
-from ._predictor import coarse_rk4_guess, constant_guess
+from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
+from .newton import NewtonStats, newton_solve
+from .predictor import coarse_rk4_guess, constant_guess
 
 
 class _WindowConfig(eqx.Module):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Inexact, Real
 
-from ._scan import _compose, _compose_diagonal
+from .scan import _compose, _compose_diagonal
 
 
 # --------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._cli_options import METHODS, expected_error_bound, make_method
-from ._problems import MLPVectorField
-from ._solver import DeerSolver
+from .._adapter.deer_solver import DeerSolver
+from .._bench.problems import MLPVectorField
+from .options import METHODS, expected_error_bound, make_method
 
 
 T0, T1 = 0.0, 10.0

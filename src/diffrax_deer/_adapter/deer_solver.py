@@ -15,12 +15,12 @@ from diffrax._term import AdjointTerm, WrapTerm
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Inexact, Int, PyTree, Real
 
-from ._discretisation import AbstractDiscretisation, JacobianMode
-from ._interpolation import DeerInterpolation, structure_template
-from ._predictor import default_predictor_steps
-from ._runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
-from ._theta_method import Trapezoid
-from ._window import solve_window
+from .._core.discretisation import AbstractDiscretisation, JacobianMode
+from .._core.predictor import default_predictor_steps
+from .._core.window import solve_window
+from .._methods.theta_method import Trapezoid
+from .interpolation import DeerInterpolation, structure_template
+from .runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
 
 
 # Newton's stopping tolerances when none are given. The update's size is a

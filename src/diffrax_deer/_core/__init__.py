@@ -1,0 +1,11 @@
+"""The DEER core: pure JAX, independent of diffrax.
+
+Holds the parallel affine recurrence (`scan`) and its damped, Kalman-smoother form
+(`damped_scan`), the per-interval linear solves (`linear_solve`), the interface
+between a discretisation and Newton (`discretisation`), Newton's method over a
+whole trajectory (`newton`), the initial guess (`predictor`), Hermite interpolation
+(`hermite`) and the window solve with its implicit derivative (`window`).
+
+May import: jax, equinox, lineax, jaxtyping, numpy. Never diffrax, and nothing else
+of this package (a test imports it with diffrax blocked).
+"""
