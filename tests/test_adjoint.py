@@ -199,15 +199,20 @@ Y0S = jnp.array([[1.0, 1.0], [1.3, 0.8], [0.7, 1.2]])
 
 @functools.cache
 def transformed():
-    """jax.jvp, vmap(grad) and grad(vmap) of the loss, compiled together (one
-    compilation, not three); with `throw=True` (test_failed_window)."""
+    """jax.jvp (StepTo and dt0), vmap(grad) and grad(vmap) of the loss, compiled
+    together (one compilation, not four); with `throw=True` (test_failed_window). The
+    traced `dt0` gives one window or three."""
 
     def loss_stepto(y0, k, windows):
         return full_loss(y0, k, None, windows)[0]
 
-    def _transformed(y0s, k, t_y0, t_k):
+    def _transformed(y0s, k, t_y0, t_k, dt0):
         # Forward mode through the StepTo scan (three windows).
         jvp = jax.jvp(lambda y0, k: loss_stepto(y0, k, 3), (y0s[0], k), (t_y0, t_k))
+        # Forward mode with dt0: the single-window branch and the loop over windows.
+        jvp_dt0 = jax.jvp(
+            lambda y0, k: full_loss(y0, k, dt0, None)[0], (y0s[0], k), (t_y0, t_k)
+        )
         # StepTo with one window (the fast path): grads batched.
         grad = jax.grad(loss_stepto, argnums=(0, 1))
         vmap_of_grad = jax.vmap(grad, in_axes=(0, None, None))(y0s, k, 1)
@@ -216,20 +221,34 @@ def transformed():
             lambda y0s, k: jnp.sum(jax.vmap(loss_stepto, (0, None, None))(y0s, k, 3)),
             argnums=(0, 1),
         )(y0s, k)
-        return jvp, vmap_of_grad, grad_of_vmap
+        return jvp, vmap_of_grad, grad_of_vmap, jvp_dt0
 
     return eqx.filter_jit(_transformed)
 
 
+ONE_WINDOW = T1 - T0
+
+
 def test_jvp():
-    (value, tangent), _, _ = transformed()(Y0S, jnp.asarray(K), *DIRECTION)
+    (value, tangent), _, _, _ = transformed()(
+        Y0S, jnp.asarray(K), *DIRECTION, ONE_WINDOW
+    )
     _, _, ref_value, grads = run("deer", 3, "stepto", y0=Y0S[0])
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     np.testing.assert_allclose(tangent, directional(grads), rtol=1e-10)
 
 
+@pytest.mark.parametrize("num_windows", [1, 3])
+def test_jvp_with_dt0(num_windows):
+    dt0 = (T1 - T0) / num_windows
+    *_, (value, tangent) = transformed()(Y0S, jnp.asarray(K), *DIRECTION, dt0)
+    _, _, ref_value, grads = run("deer", num_windows, "dt0", y0=Y0S[0])
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    np.testing.assert_allclose(tangent, directional(grads), rtol=1e-10)
+
+
 def test_vmap_of_grad():
-    _, grads, _ = transformed()(Y0S, jnp.asarray(K), *DIRECTION)
+    _, grads, _, _ = transformed()(Y0S, jnp.asarray(K), *DIRECTION, ONE_WINDOW)
     for i, y0 in enumerate(Y0S):
         # StepTo([t0, t1]) and dt0 = t1 - t0: the same single window.
         expected = run("deer", 1, "dt0", y0=y0)[3]
@@ -237,7 +256,7 @@ def test_vmap_of_grad():
 
 
 def test_grad_of_vmap():
-    _, _, grads = transformed()(Y0S, jnp.asarray(K), *DIRECTION)
+    _, _, grads, _ = transformed()(Y0S, jnp.asarray(K), *DIRECTION, ONE_WINDOW)
     per_sample = [run("deer", 3, "stepto", y0=y0)[3] for y0 in Y0S]
     assert_close(grads[0], jnp.stack([g[0] for g in per_sample]), rtol=1e-10)
     assert_close(grads[1], sum(g[1] for g in per_sample), rtol=1e-10)
@@ -272,7 +291,35 @@ def test_failed_window():
         assert_close(out["ys"], ref_out["ys"], rtol=0)
         assert_close(out["result"], ref_out["result"], rtol=0)
     with pytest.raises(RuntimeError, match="diverge"):
-        transformed()(Y0S, jnp.asarray(nan), *DIRECTION)
+        transformed()(Y0S, jnp.asarray(nan), *DIRECTION, ONE_WINDOW)
+
+
+def end_value(k, t1, adjoint):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        SOLVER,
+        T0,
+        t1,
+        1.0,
+        Y0,
+        k,
+        adjoint=adjoint,
+        max_steps=MAX_STEPS,
+    )
+    return sol.ys[0, 0]
+
+
+def test_vmap_of_grad_mixing_one_and_several_windows():
+    # The latent-ODE pattern: a different t1 per batch element, here one window of
+    # dt0 = 1 for one element and three for the other.
+    t1s = jnp.array([1.0, 3.0])
+    grads = jax.jit(jax.vmap(jax.grad(end_value), (None, 0, None)), static_argnums=2)(
+        K, t1s, DeerAdjoint()
+    )
+    reference = jax.jit(jax.grad(end_value), static_argnums=2)
+    for grad, t1 in zip(grads, t1s, strict=True):
+        expected = reference(K, t1, diffrax.RecursiveCheckpointAdjoint())
+        np.testing.assert_allclose(grad, expected, rtol=1e-10)
 
 
 def _trace(**kwargs):
@@ -293,12 +340,6 @@ def _trace(**kwargs):
 def test_refuses_other_solvers():
     with pytest.raises(ValueError, match="DeerSolver.*RecursiveCheckpointAdjoint"):
         _trace(solver=diffrax.Tsit5())
-
-
-def test_refuses_events():
-    event = diffrax.Event(lambda t, y, args, **kwargs: y[0] - 0.5)
-    with pytest.raises(NotImplementedError, match="event"):
-        _trace(event=event)
 
 
 def test_refuses_adaptive_step_sizes():

@@ -1,6 +1,7 @@
 """Dense output over a DEER window, for diffrax's `SaveAt` and `sol.evaluate`."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax import AbstractLocalInterpolation
@@ -48,11 +49,22 @@ class DeerInterpolation(AbstractLocalInterpolation):
         num_intervals = self.ys.shape[0] - 1
         spacing = (self.t1 - self.t0) / num_intervals
         y_flat = self.method.interpolate(self.ys, self.info, self.t0, spacing, t0)
+        return self._unravel(y_flat)
+
+    def _unravel(self, y_flat: Inexact[Array, " n"]) -> PyTree[Array]:
         example = jtu.tree_map(
             lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), self.template
         )
         _, unravel = ravel_pytree(example)
         return unravel(y_flat)
+
+    def nodes(self) -> tuple[Real[Array, " nodes"], PyTree[Array]]:
+        """The window's node times $t_0 + i (t_1 - t_0) / N$ (the last exactly $t_1$)
+        and the solution there, each leaf with a leading axis of length $N + 1$."""
+        num_intervals = self.ys.shape[0] - 1
+        fractions = jnp.arange(num_intervals + 1, dtype=self.t0.dtype) / num_intervals
+        ts = (self.t0 + (self.t1 - self.t0) * fractions).at[-1].set(self.t1)
+        return ts, jax.vmap(self._unravel)(self.ys)
 
 
 def structure_template(y: PyTree[Array]) -> PyTree[Shaped[Array, "0 ..."]]:
