@@ -278,3 +278,23 @@ def test_event_in_one_window_against_several():
         t_final = np.asarray(ts[0])[np.isfinite(np.asarray(ts[0]))][-1]
         np.testing.assert_allclose(t_final, expected, rtol=1e-13)
         assert bool(mask["cross"]) and int(result) == EVENT
+
+
+# ------------------------------------------------------------------------------------
+# diffrax's own loop: refused
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "adjoint",
+    [diffrax.RecursiveCheckpointAdjoint(), diffrax.DirectAdjoint()],
+    ids=["default", "direct"],
+)
+def test_event_with_diffrax_loop_is_refused(adjoint):
+    def solve():
+        return diffrax.diffeqsolve(
+            TERM, TRAPEZOID, 0.0, 7.0, 7.0, Y0, args=MU, event=LOCATED, adjoint=adjoint
+        )
+
+    with pytest.raises(NotImplementedError, match="DeerAdjoint.*every node"):
+        jax.eval_shape(solve)

@@ -19,6 +19,8 @@ from .._core.discretisation import AbstractDiscretisation, JacobianMode
 from .._core.predictor import default_predictor_steps
 from .._core.window import solve_window
 from .._methods.theta_method import Trapezoid
+from .context import check_event_support, enclosing_diffeqsolve
+from .failures import raise_if_failed
 from .interpolation import DeerInterpolation, structure_template
 from .runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
 
@@ -90,6 +92,14 @@ def _check_ode_terms(terms: PyTree[AbstractTerm]) -> None:
             )
 
 
+def _direction(terms: PyTree[AbstractTerm], t):
+    # diffrax integrates in increasing time and wraps the terms with the direction.
+    for term in jtu.tree_leaves(terms, is_leaf=lambda x: isinstance(x, WrapTerm)):
+        if isinstance(term, WrapTerm):
+            return jnp.asarray(term.direction, jnp.result_type(t))
+    return jnp.ones((), jnp.result_type(t))
+
+
 def _as_python_number(value: Any) -> Any:
     # NumPy scalars become Python numbers, so that they validate and are hashable
     # static fields; anything else is left for `__check_init__` to judge.
@@ -152,8 +162,14 @@ class DeerSolver(AbstractSolver):
     A window whose Newton solve did not converge within `max_iters` returns
     `RESULTS.nonlinear_max_steps_reached`; one where the vector field became
     non-finite returns `RESULTS.nonlinear_divergence`. With `throw=True` (the
-    default) either raises; the Newton statistics are in `sol.solver_state` with
+    default) either raises a `RuntimeError` naming the window, the iterations, the
+    residual and the remedies (diffrax's own message would suggest `max_steps`,
+    which counts windows); the Newton statistics are in `sol.solver_state` with
     `SaveAt(solver_state=True)` (see [`diffrax_deer.DeerState`][]).
+
+    Events (`diffeqsolve(..., event=...)`) need `adjoint=diffrax_deer.DeerAdjoint()`,
+    which checks them at every node; under diffrax's own loop they would be checked
+    only at window ends, and are refused.
 
     ```python
     sol = diffrax.diffeqsolve(
@@ -292,6 +308,9 @@ class DeerSolver(AbstractSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
         del made_jump
+        # What the enclosing `diffeqsolve` was given: diffrax does not pass it on.
+        context = enclosing_diffeqsolve()
+        check_event_support(context)
         y0_flat, unravel = ravel_pytree(y0)
         dtype = y0_flat.dtype
         # For ODE terms the control over [0, 1] is the time direction (+-1), so
@@ -343,6 +362,17 @@ class DeerSolver(AbstractSolver):
                 RESULTS.nonlinear_max_steps_reached,
             ),
         )
+        if context is not None and context.throw:
+            raise_if_failed(
+                ~stats.converged,
+                stats.diverged,
+                stats.num_iters,
+                stats.residual_norm,
+                stats.update_norm,
+                t0 * _direction(terms, t0),
+                t1 * _direction(terms, t0),
+                max_iters=self.max_iters,
+            )
         new_state = DeerState(
             num_iters=stats.num_iters,
             total_num_iters=solver_state.total_num_iters + stats.num_iters,
