@@ -26,6 +26,27 @@ def _is_none(x) -> bool:
     return x is None
 
 
+def _residual_size(vector_field, discretisation, ts, ys, args) -> Array:
+    r"""$\max_i \mathrm{RMS}(r_i)$ of a trajectory, with its stage unknowns at their
+    starting values: one vectorised residual evaluation."""
+    stages = discretisation.init_stages(vector_field, ts, ys, args)
+    residual = discretisation.residual(vector_field, ts, ys, stages, args)
+    rms = [
+        jnp.max(jnp.sqrt(jnp.mean(jnp.abs(r) ** 2, axis=-1)))
+        for r in jtu.tree_leaves(residual)
+    ]
+    return jnp.max(jnp.stack(rms))
+
+
+def _smaller_residual(vector_field, discretisation, ts, args, stored, predicted):
+    """Whichever starting trajectory has the smaller residual; the predicted one
+    when the stored one's residual is not finite."""
+    stored_size = _residual_size(vector_field, discretisation, ts, stored, args)
+    predicted_size = _residual_size(vector_field, discretisation, ts, predicted, args)
+    use_predicted = (predicted_size < stored_size) | ~jnp.isfinite(stored_size)
+    return jnp.where(use_predicted, predicted, stored)
+
+
 @eqx.filter_custom_jvp
 def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowConfig):
     def predict():
@@ -33,15 +54,23 @@ def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowC
             return constant_guess(ts, y0)
         return coarse_rk4_guess(vector_field, ts, y0, args, config.predictor_steps)
 
+    discretisation = config.discretisation
     if guess is None:
         guess = predict()
     elif use_guess is not None:
-        guess = jax.lax.cond(use_guess, lambda: guess, predict)
+        # A stored trajectory can be far worse than the predictor (the parameters
+        # moved a lot since it was stored): keep the better of the two.
+        def better_of_stored_and_predicted():
+            return _smaller_residual(
+                vector_field, discretisation, ts, args, guess.at[0].set(y0), predict()
+            )
+
+        guess = jax.lax.cond(use_guess, better_of_stored_and_predicted, predict)
     guess = guess.at[0].set(y0)
-    stages = config.discretisation.init_stages(vector_field, ts, guess, args)
+    stages = discretisation.init_stages(vector_field, ts, guess, args)
     return newton_solve(
         vector_field,
-        config.discretisation,
+        discretisation,
         ts,
         guess,
         stages,
