@@ -226,7 +226,7 @@ def transformed():
     return eqx.filter_jit(_transformed)
 
 
-ONE_WINDOW = T1 - T0
+ONE_WINDOW = jnp.asarray(T1 - T0)
 
 
 def test_jvp():
@@ -241,7 +241,10 @@ def test_jvp():
 @pytest.mark.parametrize("num_windows", [1, 3])
 def test_jvp_with_dt0(num_windows):
     dt0 = (T1 - T0) / num_windows
-    *_, (value, tangent) = transformed()(Y0S, jnp.asarray(K), *DIRECTION, dt0)
+    # (An array: filter_jit would compile again for another Python float.)
+    *_, (value, tangent) = transformed()(
+        Y0S, jnp.asarray(K), *DIRECTION, jnp.asarray(dt0)
+    )
     _, _, ref_value, grads = run("deer", num_windows, "dt0", y0=Y0S[0])
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     np.testing.assert_allclose(tangent, directional(grads), rtol=1e-10)

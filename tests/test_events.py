@@ -281,6 +281,43 @@ def test_event_in_one_window_against_several():
 
 
 # ------------------------------------------------------------------------------------
+# After the event: nothing more is solved, nothing more fails
+# ------------------------------------------------------------------------------------
+
+
+def blow_up(t, y, args):
+    return y**2  # y(t) = y0 / (1 - y0 t): infinite at t = 1 from y0 = 1
+
+
+def test_windows_after_an_event_do_not_raise():
+    # The event (y > 5, at t = 0.8 from y0 = 1) lies in the first of two StepTo
+    # windows; the second would run into the blow-up at t = 1 and fail. Batched with
+    # a solution that never triggers, so the second window still runs for the batch:
+    # it must neither raise (throw=True) nor change the stopped element's result.
+    event = diffrax.Event(lambda t, y, args, **kwargs: y[0] > 5.0)
+
+    def solve(y0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(blow_up),
+            DeerSolver(num_steps=64),
+            0.0,
+            2.0,
+            None,
+            y0,
+            event=event,
+            stepsize_controller=diffrax.StepTo(jnp.array([0.0, 0.9, 2.0])),
+            adjoint=DeerAdjoint(),
+        )
+        return sol.ts[0], sol.event_mask, sol.result._value
+
+    ts, masks, results = jax.jit(jax.vmap(solve))(jnp.array([[1.0], [0.1]]))
+    assert 0.8 <= float(ts[0]) < 0.8 + 0.9 / 64
+    np.testing.assert_array_equal(masks, [True, False])
+    np.testing.assert_array_equal(results, [EVENT, SUCCESSFUL])
+    np.testing.assert_allclose(ts[1], 2.0)
+
+
+# ------------------------------------------------------------------------------------
 # diffrax's own loop: refused
 # ------------------------------------------------------------------------------------
 

@@ -27,8 +27,9 @@ from diffrax._solution import is_successful
 from jaxtyping import Array, Bool, PyTree
 
 from .._core.while_loop import BufferWrite, apply_write, while_loop
-from .deer_solver import DeerSolver, DeerState
+from .deer_solver import DeerSolver, DeerState, direction
 from .events import check_window, locate_event, unsave_after
+from .failures import raise_if_failed
 
 
 # The Newton figures of the final `DeerState` that land in `sol.stats`.
@@ -171,6 +172,12 @@ def _take_step(
     )
 
 
+def _is_newton_failure(result: RESULTS):
+    return (result == RESULTS.nonlinear_max_steps_reached) | (
+        result == RESULTS.nonlinear_divergence
+    )
+
+
 def _window(state: State, **kwargs) -> State:
     """One diffrax step, i.e. one DEER window, as diffrax's `loop` takes it."""
     state, writes = _window_and_dense_writes(state, **kwargs)
@@ -200,6 +207,7 @@ def _window_and_dense_writes(
     t1,
     t1_clip_floor,
     progress_meter,
+    throw,
 ) -> tuple[State, list[BufferWrite]]:
     """One window, with the writes into the dense output's buffers returned, not
     done (the loop over `dt0` windows does them). With an event, the window ends at
@@ -216,6 +224,20 @@ def _window_and_dense_writes(
         t1=t1,
         t1_clip_floor=t1_clip_floor,
     )
+    if throw:
+        # DeerSolver's message for a failed window, for the windows kept (a window
+        # after the end of the solve may fail without consequence).
+        solver_state = step.solver_state
+        raise_if_failed(
+            active & _is_newton_failure(step.result),
+            step.result == RESULTS.nonlinear_divergence,
+            solver_state.num_iters,
+            solver_state.residual_norm,
+            solver_state.update_norm,
+            state.tprev * direction(terms, state.tprev),
+            state.tnext * direction(terms, state.tprev),
+            max_iters=solver.max_iters,
+        )
     num_steps = state.num_steps + 1
     interpolation = solver.interpolation_cls(
         t0=state.tprev, t1=state.tnext, **step.dense_info
@@ -418,7 +440,7 @@ class DeerAdjoint(AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ) -> tuple[State, dict[str, Any]]:
-        del throw, passed_solver_state, passed_controller_state
+        del passed_solver_state, passed_controller_state
         _check(solver, stepsize_controller)
         # As diffrax: the last window ends exactly at t1 once within 100 ULPs of it.
         t1_clip_floor = t1
@@ -448,6 +470,7 @@ class DeerAdjoint(AbstractAdjoint):
             t1=t1,
             t1_clip_floor=t1_clip_floor,
             progress_meter=progress_meter,
+            throw=throw,
         )
         window = functools.partial(_window, **window_kwargs)
         if isinstance(stepsize_controller, StepTo):
@@ -456,8 +479,14 @@ class DeerAdjoint(AbstractAdjoint):
             def unfinished(s):
                 return s.num_steps < num_windows
 
+            def scan_window(s, _):
+                # Windows after the end of the solve (an event, a failure) are
+                # skipped, unless some element of a batch still runs.
+                running = eqxi.unvmap_any(is_successful(s.result))
+                return lax.cond(running, window, lambda x: x, s), None
+
             length = num_windows if max_steps is None else min(num_windows, max_steps)
-            state, _ = lax.scan(lambda s, _: (window(s), None), state, length=length)
+            state, _ = lax.scan(scan_window, state, length=length)
         else:
 
             def unfinished(s):

@@ -31,6 +31,14 @@ class SolveContext(eqx.Module):
     adjoint: Any
     throw: bool
 
+    @property
+    def deer_adjoint(self) -> bool:
+        """Whether [`diffrax_deer.DeerAdjoint`][] runs the windows (it then checks
+        events and reports failed windows itself)."""
+        from .adjoint import DeerAdjoint
+
+        return isinstance(self.adjoint, DeerAdjoint)
+
 
 def enclosing_diffeqsolve() -> SolveContext | None:
     """The innermost `diffrax.diffeqsolve` being traced, or `None` if the caller is
@@ -52,11 +60,7 @@ def enclosing_diffeqsolve() -> SolveContext | None:
 
 def check_event_support(context: SolveContext | None) -> None:
     """Refuses an event under any loop but [`diffrax_deer.DeerAdjoint`][]'s."""
-    if context is None or context.event is None:
-        return
-    from .adjoint import DeerAdjoint
-
-    if not isinstance(context.adjoint, DeerAdjoint):
+    if context is not None and context.event is not None and not context.deer_adjoint:
         raise NotImplementedError(
             "DeerSolver with `event=` needs `adjoint=diffrax_deer.DeerAdjoint()`. "
             f"With `adjoint={type(context.adjoint).__name__}()` diffrax's own loop "

@@ -92,7 +92,7 @@ def _check_ode_terms(terms: PyTree[AbstractTerm]) -> None:
             )
 
 
-def _direction(terms: PyTree[AbstractTerm], t):
+def direction(terms: PyTree[AbstractTerm], t):
     # diffrax integrates in increasing time and wraps the terms with the direction.
     for term in jtu.tree_leaves(terms, is_leaf=lambda x: isinstance(x, WrapTerm)):
         if isinstance(term, WrapTerm):
@@ -362,15 +362,16 @@ class DeerSolver(AbstractSolver):
                 RESULTS.nonlinear_max_steps_reached,
             ),
         )
-        if context is not None and context.throw:
+        # (DeerAdjoint raises itself, for the windows it keeps.)
+        if context is not None and context.throw and not context.deer_adjoint:
             raise_if_failed(
                 ~stats.converged,
                 stats.diverged,
                 stats.num_iters,
                 stats.residual_norm,
                 stats.update_norm,
-                t0 * _direction(terms, t0),
-                t1 * _direction(terms, t0),
+                t0 * direction(terms, t0),
+                t1 * direction(terms, t0),
                 max_iters=self.max_iters,
             )
         new_state = DeerState(
