@@ -122,7 +122,7 @@ class ExplicitRungeKutta(AbstractDiscretisation):
         index = jnp.clip(
             jnp.floor((t - t_start) / safe_spacing), 0, num_intervals - 1
         ).astype(jnp.int32)
-        interval_start = t_start + index * spacing
+        interval_start = t_start + index.astype(spacing.dtype) * spacing
         interval_info = jtu.tree_map(lambda x: x[index], dense_info)
         interpolation = self.solver.interpolation_cls(
             t0=interval_start, t1=interval_start + spacing, **interval_info

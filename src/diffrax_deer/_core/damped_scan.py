@@ -57,15 +57,16 @@ def _dense_solve(matrix: Array, rhs: Array) -> Array:
     than per-matrix LAPACK calls at small n (3.5x at n = 2), 1.3x slower at n = 16.
     """
     n = matrix.shape[-1]
-    rows = jnp.arange(n)
+    # Row indices with the batch axes as ones: explicit broadcasting (rank promotion).
+    rows = jnp.arange(n).reshape((1,) * (matrix.ndim - 2) + (n,))
 
     def eliminate(col, augmented):
         column = jax.lax.dynamic_index_in_dim(augmented, col, axis=-1, keepdims=False)
         pivot = jnp.argmax(jnp.where(rows >= col, jnp.abs(column), -1), axis=-1)
         pivot_row = jnp.take_along_axis(augmented, pivot[..., None, None], axis=-2)
         col_row = jax.lax.dynamic_slice_in_dim(augmented, col, 1, axis=-2)
-        is_col = (rows == col)[:, None]
-        is_pivot = rows[:, None] == pivot[..., None, None]
+        is_col = (rows == col)[..., None]
+        is_pivot = rows[..., None] == pivot[..., None, None]
         # Swap rows `col` and `pivot`, then clear column `col` above and below.
         augmented = jnp.where(is_pivot, col_row, augmented)
         augmented = jnp.where(is_col, pivot_row, augmented)

@@ -7,8 +7,8 @@ from jaxtyping import Array, Inexact, Real
 def _interval_and_fraction(values: Array, position: Real[Array, ""]):
     # The interval k holding x = k + s (the first or last one outside [0, N]).
     num_intervals = values.shape[0] - 1
-    index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
-    return index, (position - index).astype(values.dtype)
+    start = jnp.clip(jnp.floor(position), 0, num_intervals - 1)
+    return start.astype(jnp.int32), (position - start).astype(values.dtype)
 
 
 def hermite_on_uniform_grid(

@@ -200,7 +200,7 @@ class AbstractCollocation(AbstractDiscretisation):
         c, a, _ = self._tableau()
         steps = ts[1:] - ts[:-1]
         dtype = ys.dtype
-        stage_ts = ts[:-1, None] + steps[:, None] * jnp.asarray(c, ts.dtype)
+        stage_ts = ts[:-1, None] + steps[:, None] * jnp.asarray(c, ts.dtype)[None]
         stage_ys = ys[:-1, None, :] + steps[:, None, None] * jnp.einsum(
             "jl,iln->ijn", jnp.asarray(a, dtype), stages
         )
@@ -261,7 +261,7 @@ class AbstractCollocation(AbstractDiscretisation):
         # S[i, j, :, l, :] = delta_jl I - h_i a_jl J_ij
         stage_matrices = jnp.einsum(
             "jl,nm->jnlm", jnp.eye(num_stages, dtype=ys.dtype), identity
-        ) - jnp.einsum("i,jl,ijnm->ijnlm", steps, a, jacobians)
+        )[None] - jnp.einsum("i,jl,ijnm->ijnlm", steps, a, jacobians)
         stage_matrices = stage_matrices.reshape(
             num_steps, num_stages * size, num_stages * size
         )
@@ -269,8 +269,8 @@ class AbstractCollocation(AbstractDiscretisation):
         stage_sensitivities = stage_solve.solve_matrices(
             jacobians.reshape(num_steps, num_stages * size, size)
         ).reshape(num_steps, num_stages, size, size)
-        weighted_steps = steps[:, None] * jnp.asarray(b, ys.dtype)
-        transitions = identity + jnp.einsum(
+        weighted_steps = steps[:, None] * jnp.asarray(b, ys.dtype)[None]
+        transitions = identity[None] + jnp.einsum(
             "is,isnm->inm", weighted_steps, stage_sensitivities
         )
         linearisation = CollocationLinearisation(
@@ -300,7 +300,7 @@ class AbstractCollocation(AbstractDiscretisation):
         steps = (ts[1:] - ts[:-1]).astype(ys.dtype)
         a = jnp.asarray(a, ys.dtype)
         # S[i, k, j, l] = delta_jl - h_i a_jl J_ij,kk
-        stage_matrices = jnp.eye(num_stages, dtype=ys.dtype) - jnp.einsum(
+        stage_matrices = jnp.eye(num_stages, dtype=ys.dtype)[None, None] - jnp.einsum(
             "i,jl,ikj->ikjl", steps, a, diagonals
         )
         stage_solve = BatchedLinearSolve(
@@ -309,7 +309,7 @@ class AbstractCollocation(AbstractDiscretisation):
         sensitivities = stage_solve.solve(
             diagonals.reshape(num_steps * size, num_stages)
         ).reshape(num_steps, size, num_stages)
-        weighted_steps = steps[:, None] * jnp.asarray(b, ys.dtype)
+        weighted_steps = steps[:, None] * jnp.asarray(b, ys.dtype)[None]
         transitions = 1 + jnp.einsum("is,ins->in", weighted_steps, sensitivities)
         linearisation = DiagonalCollocationLinearisation(
             transitions=transitions,

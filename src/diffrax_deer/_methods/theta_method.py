@@ -97,7 +97,7 @@ class AbstractThetaMethod(AbstractDiscretisation):
             steps = (ts[1:] - ts[:-1]).astype(ys.dtype)
             linearisation = DiagonalNodeLinearisation(jacobians, steps, self.theta)
             return (self._residual(ts, ys, fs), None), linearisation
-        identity = identity_like(jacobians)
+        identity = identity_like(jacobians)[None]
         steps = (ts[1:] - ts[:-1])[:, None, None]
         step_solve = BatchedLinearSolve(identity - self.theta * steps * jacobians[1:])
         transitions = step_solve.solve_matrices(
