@@ -13,6 +13,11 @@ import numpy as np
 
 # Tests run in float64; float32 tests pass explicit float32 arrays (t0/t1 included).
 jax.config.update("jax_enable_x64", True)
+# diffrax's own test settings (its test/conftest.py): no implicit rank promotion and
+# no implicit dtype promotion, so DeerSolver stays usable inside code that sets them.
+# A test that mixes dtypes on purpose says so with `jax.numpy_dtype_promotion`.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
 

@@ -35,7 +35,7 @@ def random_recurrence(num_steps, n, seed):
     # Transitions near the identity with a random part of spectral radius ~0.5, so that
     # long products neither blow up nor vanish and a relative comparison is meaningful.
     noise = jax.random.normal(key_a, (num_steps, n, n), jnp.float64)
-    transitions = jnp.eye(n) + 0.5 * noise / jnp.sqrt(n) / jnp.sqrt(num_steps)
+    transitions = jnp.eye(n)[None] + 0.5 * noise / jnp.sqrt(n) / jnp.sqrt(num_steps)
     offsets = jax.random.normal(key_b, (num_steps, n), jnp.float64)
     initial = jax.random.normal(key_d, (n,), jnp.float64)
     return transitions, offsets, initial

@@ -42,8 +42,10 @@ def dot_precisions(function, *inputs) -> list:
 
 
 def solve(solver, y0):
+    # float32 times too: a float64 time would promote the float32 state to float64.
+    t0, t1 = jnp.float32(0.0), jnp.float32(1.0)
     term = diffrax.ODETerm(field)
-    return diffrax.diffeqsolve(term, solver, 0.0, 1.0, 1.0, y0).ys
+    return diffrax.diffeqsolve(term, solver, t0, t1, t1 - t0, y0).ys
 
 
 Y0 = jnp.array([1.0, -1.0], jnp.float32)
