@@ -37,7 +37,13 @@ class BatchedLinearSolve(eqx.Module):
             identity = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
             return jax.vmap(solve_column, in_axes=1, out_axes=1)(identity)
 
-        self.inverses = jax.vmap(invert)(matrices)
+        # LAPACK has no float16 or bfloat16: factorise those in float32 and round
+        # the inverses back (their error is then that of the rounding).
+        dtype = jnp.result_type(matrices)
+        half = jnp.finfo(dtype).bits < 32
+        factor_dtype = jnp.dtype(jnp.float32) if half else dtype
+        inverses = jax.vmap(invert)(matrices.astype(factor_dtype))
+        self.inverses = inverses.astype(dtype)
 
     def solve(self, vectors: Inexact[Array, "steps m"]) -> Inexact[Array, "steps m"]:
         """Returns $M_i^{-1} v_i$ for every interval $i$."""
