@@ -125,6 +125,13 @@ def _solve_window_jvp(primals, tangents):
     return (ys, stages, stats), (t_ys, t_stages, t_stats)
 
 
+def _with_static_args(vector_field: VectorField, static_args: PyTree) -> VectorField:
+    def field(t, y, array_args):
+        return vector_field(t, y, eqx.combine(array_args, static_args))
+
+    return field
+
+
 def solve_window(
     vector_field: VectorField,
     discretisation: AbstractDiscretisation,
@@ -176,8 +183,14 @@ def solve_window(
     (or `None`), and [`diffrax_deer.NewtonStats`][].
     """
     # Lift closed-over arrays (e.g. a neural network's weights) into explicit inputs,
-    # so that the custom derivative sees, and differentiates, them.
-    vector_field = eqx.filter_closure_convert(vector_field, ts[0], y0, args)
+    # so that the custom derivative sees, and differentiates, them. The non-array
+    # leaves of `args` (Python numbers, strings) are closed over instead of passed:
+    # passed, they would be static arguments, compared by equality on every call,
+    # which a Python NaN never passes.
+    array_args, static_args = eqx.partition(args, eqx.is_array)
+    field_of_arrays = _with_static_args(vector_field, static_args)
+    vector_field = eqx.filter_closure_convert(field_of_arrays, ts[0], y0, array_args)
+    args = array_args
     if guess is not None:
         guess = jax.lax.stop_gradient(guess)
     if use_guess is not None:
