@@ -4,7 +4,8 @@ Holds the parallel affine recurrence (`scan`) and its damped, Kalman-smoother fo
 (`damped_scan`), the per-interval linear solves (`linear_solve`), the interface
 between a discretisation and Newton (`discretisation`), Newton's method over a
 whole trajectory (`newton`), the initial guess (`predictor`), Hermite interpolation
-(`hermite`) and the window solve with its implicit derivative (`window`).
+(`hermite`), the window solve with its implicit derivative (`window`) and the
+construction-time checks of options (`validation`).
 
 May import: jax, equinox, lineax, jaxtyping, numpy. Never diffrax, and nothing else
 of this package (a test imports it with diffrax blocked).

@@ -20,6 +20,7 @@ from .._core.discretisation import (
 )
 from .._core.hermite import quintic_hermite_on_uniform_grid
 from .._core.linear_solve import BatchedLinearSolve
+from .._core.validation import as_python_scalar, is_integer
 
 
 @functools.cache
@@ -176,7 +177,7 @@ class DiagonalCollocationLinearisation(_AbstractCollocationLinearisation):
 class AbstractCollocation(AbstractDiscretisation):
     """An $s$-stage collocation method; the stage slopes are Newton unknowns too."""
 
-    stages: int = eqx.field(static=True)
+    stages: int = eqx.field(static=True, converter=as_python_scalar)
     family: ClassVar[str]
 
     def _tableau(self):
@@ -322,7 +323,7 @@ class AbstractCollocation(AbstractDiscretisation):
 
 
 def _check_stages(method, allowed):
-    if method.stages not in allowed:
+    if not (is_integer(method.stages) and method.stages in allowed):
         raise ValueError(
             f"`{type(method).__name__}(stages=...)` supports stages in "
             f"{sorted(allowed)}; got {method.stages!r}."
