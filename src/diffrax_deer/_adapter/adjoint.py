@@ -28,6 +28,7 @@ from jaxtyping import Array, Bool, PyTree
 
 from .._core.while_loop import BufferWrite, apply_write, while_loop
 from .deer_solver import DeerSolver, DeerState, direction
+from .dense import fit_dense_buffers
 from .events import check_window, locate_event, unsave_after
 from .failures import raise_if_failed
 
@@ -458,6 +459,8 @@ class DeerAdjoint(AbstractAdjoint):
             max_steps=max_steps,
         )
         state = _initial_state(init_state, saveat, event, t0, args)
+        if saveat.dense:
+            state = fit_dense_buffers(state, stepsize_controller, max_steps)
         window_kwargs = dict(
             solver=solver,
             terms=terms,
