@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrax_deer import DeerAdjoint, DeerSolver
+from diffrax_deer import DeerAdjoint, DeerSolver, GaussLegendre
 
 
 # float64 unless a test says otherwise (conftest.py sets this too; repeated here so
@@ -135,14 +135,14 @@ SDE_WARNING = "ignore:`DeerSolver` is not marked as converging:UserWarning"
 @pytest.mark.filterwarnings(SDE_WARNING)
 def test_sde_raises_value_error_at_trace_time():
     terms = diffrax.MultiTerm(TERM, diffrax.ControlTerm(diffusion, brownian_motion()))
-    with pytest.raises(ValueError, match="ODE"):
+    with pytest.raises(ValueError, match="not SDEs.*SDE solvers"):
         trace_only(lambda: deer_solve(term=terms))
 
 
 @pytest.mark.filterwarnings(SDE_WARNING)
 def test_lone_control_term_raises_value_error_at_trace_time():
     term = diffrax.ControlTerm(diffusion, brownian_motion())
-    with pytest.raises(ValueError, match="ODE"):
+    with pytest.raises(ValueError, match="not SDEs.*SDE solvers"):
         trace_only(lambda: deer_solve(term=term))
 
 
@@ -198,7 +198,20 @@ def test_backsolve_adjoint_grad_raises_not_implemented():
         (dict(num_steps=10, max_iters=0), "max_iters"),
         (dict(num_steps=10, max_iters=2.0), "max_iters"),
         (dict(num_steps=10, rtol=-1), "rtol"),
-        (dict(num_steps=10, atol=0.0), "atol"),
+        # Tolerances that would make Newton stop at once, or never.
+        (dict(num_steps=10, atol=float("inf")), "atol"),
+        (dict(num_steps=10, rtol=float("nan")), "rtol"),
+        (dict(num_steps=10, rtol=True), "rtol"),
+        (dict(num_steps=10, atol=np.bool_(True)), "atol"),
+        (dict(num_steps=10, rtol=1e-3j), "rtol"),
+        (dict(num_steps=10, atol="1e-8"), "atol"),
+        (dict(num_steps=10, rtol=0, atol=0.0), "both be 0"),
+        # Counters are int32: 2**31 would wrap (0 iterations in float64).
+        (dict(num_steps=10, max_iters=2**31), "max_iters"),
+        (dict(num_steps=2**31), "num_steps"),
+        (dict(num_steps=10, predictor_steps=2**31), "predictor_steps"),
+        (dict(num_steps=10, damping=1), "damping"),
+        (dict(num_steps=10, damping=np.int64(1)), "damping"),
         (dict(num_steps=10, predictor_steps=-1), "predictor_steps"),
         (dict(num_steps=10, predictor_steps=1.5), "predictor_steps"),
         (dict(num_steps=10, method="trapezoid"), "method"),
@@ -216,15 +229,53 @@ def test_bad_options_raise_at_construction(kwargs, name):
         dict(num_steps=np.int64(10)),
         dict(num_steps=10, max_iters=np.int32(5)),
         dict(num_steps=10, rtol=np.float32(1e-6)),
+        dict(num_steps=10, atol=jnp.float64(1e-8)),
+        dict(num_steps=10, max_iters=jnp.int32(5)),
+        dict(num_steps=10, predictor_steps=np.array(3)),
+        dict(num_steps=10, damping=np.bool_(True)),
+        dict(num_steps=10, damping=jnp.bool_(False)),
     ],
-    ids=["num_steps=np.int64", "max_iters=np.int32", "rtol=np.float32"],
+    ids=[
+        "num_steps=np.int64",
+        "max_iters=np.int32",
+        "rtol=np.float32",
+        "atol=jnp.float64",
+        "max_iters=jnp.int32",
+        "predictor_steps=np.array",
+        "damping=np.bool_",
+        "damping=jnp.bool_",
+    ],
 )
-def test_numpy_scalar_options_are_accepted(kwargs):
+def test_numpy_and_jax_scalar_options_are_accepted(kwargs):
     solver = DeerSolver(**kwargs)
     for name, value in kwargs.items():
         converted = getattr(solver, name)
-        assert type(converted) in (int, float)
+        assert type(converted) in (bool, int, float)
         assert converted == value
+    hash(solver)  # static fields
+
+
+def test_pure_absolute_or_relative_tolerance_is_accepted():
+    assert DeerSolver(10, rtol=0, atol=1e-8).rtol == 0
+    assert DeerSolver(10, rtol=1e-8, atol=0.0).atol == 0
+
+
+def test_infinite_tolerance_no_longer_reports_a_wrong_answer_as_success():
+    # Accepted before, Newton stopped after one step from the constant guess and
+    # reported "successful" far from the answer.
+    with pytest.raises(ValueError, match="finite"):
+        DeerSolver(num_steps=1000, atol=float("inf"), predictor_steps=0)
+
+
+@pytest.mark.parametrize("stages", [1.0, True, "2", 4])
+def test_bad_collocation_stages_raise_at_construction(stages):
+    with pytest.raises(ValueError, match="stages"):
+        GaussLegendre(stages=stages)
+
+
+def test_numpy_collocation_stages_are_accepted():
+    method = GaussLegendre(stages=np.int64(2))
+    assert type(method.stages) is int and method.stages == 2
 
 
 def test_valid_options_construct():
@@ -238,3 +289,32 @@ def test_complex_state_raises_value_error():
     y0 = jnp.array([1.0 + 1.0j, 0.5 - 0.2j])
     with pytest.raises(ValueError, match="complex"):
         trace_only(lambda: deer_solve(term=diffrax.ODETerm(lambda t, y, a: -y), y0=y0))
+
+
+def test_python_nan_in_args_is_divergence():
+    # A Python float in `args` is a static argument of the closure-converted field;
+    # NaN, never equal to itself, once failed its equality check with a ValueError.
+    # A jnp.array(nan) was already reported as divergence.
+    def decay(t, y, rate):
+        return -rate * y
+
+    for rate in (float("nan"), jnp.array(jnp.nan)):
+        sol = deer_solve(term=diffrax.ODETerm(decay), args=rate, throw=False)
+        assert sol.result == diffrax.RESULTS.nonlinear_divergence
+
+
+@pytest.mark.parametrize(
+    "other_solver, other_y0",
+    [(DeerSolver(N // 2), Y0), (SOLVER, jnp.ones(3))],
+    ids=["other-num-steps", "other-state-size"],
+)
+def test_solver_state_of_another_problem_is_refused(other_solver, other_y0):
+    state = other_solver.init(TERM, T0, T1, other_y0, None)
+    with pytest.raises(ValueError, match="`solver_state` comes from another problem"):
+        trace_only(lambda: deer_solve(solver_state=state))
+
+
+def test_solver_state_of_other_time_dtype_is_refused():
+    state = SOLVER.init(TERM, jnp.float32(T0), jnp.float32(T1), Y0, None)
+    with pytest.raises(ValueError, match="float32 times"):
+        trace_only(lambda: deer_solve(solver_state=state))

@@ -9,20 +9,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
-from diffrax import RESULTS, AbstractSolver, AbstractTerm, MultiTerm, ODETerm
-from diffrax._term import AdjointTerm, WrapTerm
-from jax.flatten_util import ravel_pytree
+from diffrax import RESULTS, AbstractSolver, AbstractTerm
+from diffrax._term import WrapTerm
 from jaxtyping import Array, Inexact, Int, PyTree, Real
 
 from .._core.discretisation import AbstractDiscretisation, JacobianMode
 from .._core.predictor import default_predictor_steps
+from .._core.validation import as_python_scalar, check_integer, check_tolerance
 from .._core.window import solve_window
 from .._methods.theta_method import Trapezoid
 from .context import check_event_support, enclosing_diffeqsolve
 from .failures import raise_if_failed
-from .interpolation import DeerInterpolation, structure_template
+from .interpolation import DeerInterpolation, ravel, structure_template
 from .runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
+from .terms import check_terms
 
 
 # Newton's stopping tolerances when none are given. The update's size is a
@@ -68,30 +68,6 @@ class DeerState(eqx.Module):
     window_t1: Real[Array, ""]
 
 
-_BACKSOLVE_MESSAGE = (
-    "DeerSolver does not support `diffrax.BacksolveAdjoint`: its continuous adjoint "
-    "gives only approximate gradients of a DEER solve. Use the default "
-    "`diffrax.RecursiveCheckpointAdjoint()` (or `diffrax.DirectAdjoint()`), whose "
-    "gradients DeerSolver computes exactly by the implicit function theorem."
-)
-
-
-def _check_ode_terms(terms: PyTree[AbstractTerm]) -> None:
-    def is_term(x):
-        return isinstance(x, AbstractTerm) and not isinstance(x, MultiTerm)
-
-    for term in jtu.tree_leaves(terms, is_leaf=is_term):
-        inner = term.term if isinstance(term, WrapTerm) else term
-        if isinstance(inner, AdjointTerm):
-            raise NotImplementedError(_BACKSOLVE_MESSAGE)
-        if not isinstance(inner, ODETerm):
-            raise ValueError(
-                "DeerSolver solves ODEs: pass `diffrax.ODETerm(f)` (or a "
-                "`diffrax.MultiTerm` of ODETerms). Got a term of type "
-                f"`{type(inner).__name__}`; SDEs and control terms are not supported."
-            )
-
-
 def direction(terms: PyTree[AbstractTerm], t):
     # diffrax integrates in increasing time and wraps the terms with the direction.
     for term in jtu.tree_leaves(terms, is_leaf=lambda x: isinstance(x, WrapTerm)):
@@ -100,14 +76,32 @@ def direction(terms: PyTree[AbstractTerm], t):
     return jnp.ones((), jnp.result_type(t))
 
 
-def _as_python_number(value: Any) -> Any:
-    # NumPy scalars become Python numbers, so that they validate and are hashable
-    # static fields; anything else is left for `__check_init__` to judge.
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    return value
+def _check_solver_state(
+    solver_state: Any, num_steps: int, y0_flat: Array, t0: Array
+) -> None:
+    # A `DeerState` of another solve cannot be carried by diffrax's loop (its
+    # arrays' shapes and dtypes are part of the loop's type): say so at trace time.
+    expected = (num_steps + 1,) + y0_flat.shape
+    if not isinstance(solver_state, DeerState):
+        raise ValueError(
+            "`solver_state` must be the `sol.solver_state` of a DeerSolver solve "
+            f"(a `DeerState`); got `{type(solver_state).__name__}`."
+        )
+    trajectory = solver_state.trajectory
+    if trajectory.shape != expected or trajectory.dtype != y0_flat.dtype:
+        raise ValueError(
+            "`solver_state` comes from another problem: its trajectory has shape "
+            f"{trajectory.shape} ({trajectory.dtype}), this solve's has {expected} "
+            f"({y0_flat.dtype}: num_steps={num_steps}, {y0_flat.size} state values). "
+            "Pass back the `sol.solver_state` of a solve with the same `num_steps`, "
+            "`y0` structure and dtype, or no `solver_state`."
+        )
+    if solver_state.window_t0.dtype != jnp.result_type(t0):
+        raise ValueError(
+            f"`solver_state` comes from a solve with {solver_state.window_t0.dtype} "
+            f"times; this one has {jnp.result_type(t0)} times. Pass `t0`, `t1` and "
+            "`dt0` with the same dtype as that solve, or no `solver_state`."
+        )
 
 
 def _as_method(value: Any) -> Any:
@@ -127,7 +121,7 @@ def _matmul_precision(precision: str | None):
 
 
 def _option(**kwargs):
-    return eqx.field(static=True, converter=_as_python_number, **kwargs)
+    return eqx.field(static=True, converter=as_python_scalar, **kwargs)
 
 
 class DeerSolver(AbstractSolver):
@@ -231,24 +225,24 @@ class DeerSolver(AbstractSolver):
         return functools.partial(DeerInterpolation, method=self.method)
 
     def __check_init__(self):
-        def is_positive_int(x):
-            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-        if not is_positive_int(self.num_steps):
-            raise ValueError(
-                "`DeerSolver(num_steps=...)` must be an integer >= 1 (the number of "
-                f"intervals per window); got {self.num_steps!r}."
-            )
-        if not is_positive_int(self.max_iters):
-            raise ValueError(
-                f"`max_iters` must be an integer >= 1; got {self.max_iters!r}."
-            )
-        if self.predictor_steps is not None and not (
-            self.predictor_steps == 0 or is_positive_int(self.predictor_steps)
-        ):
-            raise ValueError(
-                "`predictor_steps` must be None, 0 (constant guess) or a positive "
-                f"integer; got {self.predictor_steps!r}."
+        check_integer(
+            "`DeerSolver(num_steps=...)`",
+            self.num_steps,
+            minimum=1,
+            meaning="the number of intervals per window",
+        )
+        check_integer(
+            "`max_iters`",
+            self.max_iters,
+            minimum=1,
+            meaning="the most Newton iterations per window",
+        )
+        if self.predictor_steps is not None:
+            check_integer(
+                "`predictor_steps`",
+                self.predictor_steps,
+                minimum=0,
+                meaning="None for the default, 0 for the constant guess y0",
             )
         if self.jacobian not in _JACOBIAN_MODES:
             raise ValueError(
@@ -267,14 +261,14 @@ class DeerSolver(AbstractSolver):
                     '`jax.default_matmul_precision` accepts ("highest", "float32", '
                     f'"tensorfloat32", "default", ...); got {self.matmul_precision!r}.'
                 ) from error
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and not (
-                isinstance(value, (int, float)) and value > 0
-            ):
-                raise ValueError(
-                    f"`{name}` must be a positive float or None; got {value!r}."
-                )
+        check_tolerance("`rtol`", self.rtol)
+        check_tolerance("`atol`", self.atol)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError(
+                "`rtol` and `atol` cannot both be 0: Newton could never stop. Use "
+                "`rtol=0` for a pure absolute tolerance or `atol=0` for a pure "
+                "relative one."
+            )
         if not isinstance(self.method, AbstractDiscretisation):
             raise ValueError(
                 "`method` must be a diffrax-deer discretisation (`Trapezoid()`, "
@@ -287,8 +281,8 @@ class DeerSolver(AbstractSolver):
         return self.method.order()
 
     def init(self, terms, t0, t1, y0, args) -> DeerState:
-        _check_ode_terms(terms)
-        y_flat, _ = ravel_pytree(y0)
+        check_terms(terms)
+        y_flat, _ = ravel(y0)
         if jnp.issubdtype(y_flat.dtype, jnp.complexfloating):
             raise ValueError(
                 "DeerSolver does not support complex states yet: split `y0` into "
@@ -306,27 +300,61 @@ class DeerSolver(AbstractSolver):
         atol = default_atol if self.atol is None else self.atol
         return rtol, atol
 
+    def _empty_step(self, t0, t1, y0, solver_state: DeerState):
+        # Nothing to solve (`y0=None`, or only zero-size leaves): the state stays
+        # empty, as with every diffrax solver, and Newton does not run.
+        y0_flat, _ = ravel(y0)
+        zero_norm = jnp.zeros((), solver_state.update_norm.dtype)
+        new_state = DeerState(
+            num_iters=jnp.array(0, jnp.int32),
+            total_num_iters=solver_state.total_num_iters,
+            max_num_iters=solver_state.max_num_iters,
+            update_norm=zero_norm,
+            residual_norm=zero_norm,
+            trajectory=solver_state.trajectory,
+            window_t0=jnp.asarray(t0, solver_state.window_t0.dtype),
+            window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
+        )
+        ys = jnp.zeros((self.num_steps + 1, 0), y0_flat.dtype)
+        dense_info = dict(ys=ys, info=None, template=structure_template(y0))
+        return y0, None, dense_info, new_state, RESULTS.successful
+
     def step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
         del made_jump
         # What the enclosing `diffeqsolve` was given: diffrax does not pass it on.
         context = enclosing_diffeqsolve()
         check_event_support(context)
-        y0_flat, unravel = ravel_pytree(y0)
+        check_terms(terms)
+        y0_flat, unravel = ravel(y0)
+        _check_solver_state(solver_state, self.num_steps, y0_flat, t0)
+        if y0_flat.size == 0:
+            return self._empty_step(t0, t1, y0, solver_state)
         dtype = y0_flat.dtype
-        # For ODE terms the control over [0, 1] is the time direction (+-1), so
-        # `vf_prod` with it is dy/dt in diffrax's normalised, increasing time.
+        # The control over [0, 1] is the time direction (+-1) times a constant (one
+        # for ODETerm; `check_terms` accepts only such controls), so `vf_prod` with
+        # it is dy/dt in diffrax's normalised, increasing time.
         unit_control = terms.contr(jnp.zeros((), dtype), jnp.ones((), dtype))
 
         def vector_field(t, y, args):
+            y_tree = unravel(y)
             # Set at trace time, so it also holds for the field's derivatives.
             with _matmul_precision(self.matmul_precision):
-                dy = terms.vf_prod(t, unravel(y), args, unit_control)
-            dy_flat, _ = ravel_pytree(dy)
+                dy = terms.vf_prod(t, y_tree, args, unit_control)
+            if jtu.tree_structure(dy) != jtu.tree_structure(y_tree):
+                raise ValueError(
+                    "The terms' `vf_prod` must return a PyTree with the structure "
+                    f"of `y0`, {jtu.tree_structure(y_tree)}; got "
+                    f"{jtu.tree_structure(dy)}."
+                )
+            dy = jtu.tree_map(
+                lambda d, x: jnp.broadcast_to(d, jnp.shape(x)), dy, y_tree
+            )
+            dy_flat, _ = ravel(dy)
             return dy_flat.astype(dtype)
 
         fractions = jnp.arange(self.num_steps + 1, dtype=dtype) / self.num_steps
-        ts = t0 + (t1 - t0) * fractions
-        ts = ts.astype(dtype).at[-1].set(t1)
+        ts = jnp.asarray(t0, dtype) + jnp.asarray(t1 - t0, dtype) * fractions
+        ts = ts.at[-1].set(jnp.asarray(t1, dtype))
         rtol, atol = self._tolerances(dtype)
         if self.predictor_steps is None:
             predictor_steps = default_predictor_steps(self.num_steps)

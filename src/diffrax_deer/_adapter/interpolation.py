@@ -1,5 +1,7 @@
 """Dense output over a DEER window, for diffrax's `SaveAt` and `sol.evaluate`."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,8 @@ class DeerInterpolation(AbstractLocalInterpolation):
             return jtu.tree_map(
                 lambda a, b: a - b, self.evaluate(t1), self.evaluate(t0)
             )
+        if self.ys.shape[-1] == 0:  # an empty state stays empty
+            return self._unravel(jnp.zeros((0,), self.ys.dtype))
         num_intervals = self.ys.shape[0] - 1
         spacing = (self.t1 - self.t0) / num_intervals
         y_flat = self.method.interpolate(self.ys, self.info, self.t0, spacing, t0)
@@ -55,7 +59,7 @@ class DeerInterpolation(AbstractLocalInterpolation):
         example = jtu.tree_map(
             lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), self.template
         )
-        _, unravel = ravel_pytree(example)
+        _, unravel = ravel(example)
         return unravel(y_flat)
 
     def nodes(self) -> tuple[Real[Array, " nodes"], PyTree[Array]]:
@@ -70,3 +74,11 @@ class DeerInterpolation(AbstractLocalInterpolation):
 def structure_template(y: PyTree[Array]) -> PyTree[Shaped[Array, "0 ..."]]:
     """Zero-size arrays that remember the structure, shapes and dtypes of `y`."""
     return jtu.tree_map(lambda leaf: jnp.zeros((0,) + jnp.shape(leaf), leaf.dtype), y)
+
+
+def ravel(tree: PyTree[Array]) -> tuple[Array, Callable[[Array], PyTree[Array]]]:
+    """`jax.flatten_util.ravel_pytree`, with leaves of different dtypes promoted to
+    a common one explicitly (it would raise under strict dtype promotion), and
+    unflattened back to their own."""
+    with jax.numpy_dtype_promotion("standard"):
+        return ravel_pytree(tree)
