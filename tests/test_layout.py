@@ -104,3 +104,23 @@ def test_public_names_resolve_and_match_the_static_imports():
             for alias in node.names:
                 static[alias.asname or alias.name] = "." + node.module
     assert static == diffrax_deer._EXPORTS
+
+
+# Optional: `--plot` (documented as needing it, imported only when asked).
+OPTIONAL_IMPORTS = {"matplotlib"}
+
+
+def test_every_imported_package_is_a_runtime_dependency():
+    # A plain `pip install diffrax-deer` must run every method: sympy (the
+    # collocation tableaux) was once only in the `dev` extra.
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+    declared = {
+        requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0].strip()
+        for requirement in project["project"]["dependencies"]
+    }
+    imported = set()
+    for path in PACKAGE.rglob("*.py"):
+        imported |= {name.split(".")[0] for name in _imported_modules(path)}
+    third_party = imported - set(sys.stdlib_module_names) - {"diffrax_deer"}
+    assert third_party - OPTIONAL_IMPORTS <= declared, third_party - declared
