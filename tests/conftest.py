@@ -1,6 +1,7 @@
 """Shared test configuration: float64 by default, test problems, a Tsit5 reference."""
 
 import dataclasses
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 # Tests run in float64; float32 tests pass explicit float32 arrays (t0/t1 included).
@@ -20,6 +22,55 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# Memory mappings: every compiled executable maps memory, and XLA crashes once the
+# process reaches the kernel's `vm.max_map_count` (65530 by default). A long run of
+# many small compiled solves got there; clearing JAX's caches releases them.
+# --------------------------------------------------------------------------------------
+
+
+def _count_lines(path: str) -> int | None:
+    try:
+        with open(path) as file:
+            return sum(1 for _ in file)
+    except OSError:  # not Linux
+        return None
+
+
+def _max_map_count() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530
+
+
+_MAPPINGS = {"peak": 0, "clears": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bound_memory_mappings():
+    """After each test module: record the process's memory mappings, and clear
+    JAX's caches if they pass a quarter of `vm.max_map_count` (never reached by this
+    suite so far: it costs recompilation only when needed)."""
+    yield
+    count = _count_lines("/proc/self/maps")
+    if count is None:
+        return
+    _MAPPINGS["peak"] = max(_MAPPINGS["peak"], count)
+    if count > _max_map_count() // 4:
+        jax.clear_caches()
+        _MAPPINGS["clears"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MAPPINGS["peak"]:
+        terminalreporter.write_line(
+            f"memory mappings: peak {_MAPPINGS['peak']} after a test module "
+            f"(vm.max_map_count {_max_map_count()}), JAX caches cleared "
+            f"{_MAPPINGS['clears']} times"
+        )
 
 
 # --------------------------------------------------------------------------------------
