@@ -11,6 +11,7 @@ compilation serves one window and three.
 """
 
 import functools
+import warnings
 
 import diffrax
 import equinox as eqx
@@ -351,7 +352,7 @@ def test_refuses_adaptive_step_sizes():
         _trace(stepsize_controller=controller, dt0=None)
 
 
-def _dense_info_lengths(**kwargs):
+def _dense_info_lengths(adjoint=ADJOINTS["deer"], **kwargs):
     # Traced only: diffrax would reserve max_steps = 4096 windows of N + 1 nodes.
     def solve():
         return diffrax.diffeqsolve(
@@ -362,7 +363,7 @@ def _dense_info_lengths(**kwargs):
             y0=Y0,
             args=K,
             saveat=diffrax.SaveAt(dense=True),
-            adjoint=DeerAdjoint(),
+            adjoint=adjoint,
             **kwargs,
         )
 
@@ -372,9 +373,15 @@ def _dense_info_lengths(**kwargs):
 
 def test_dense_output_holds_only_the_windows_that_occur():
     # StepTo: the window count is known at trace time (0.64 GB reserved before).
-    assert _dense_info_lengths(dt0=None, stepsize_controller=controller(2)) == {2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lengths = _dense_info_lengths(dt0=None, stepsize_controller=controller(2))
+    assert lengths == {2}
 
 
-def test_dense_output_reserved_for_max_steps_is_warned_of():
-    with pytest.warns(UserWarning, match=r"reserves 0\.6\d GiB.*max_steps.*StepTo"):
-        assert _dense_info_lengths(dt0=T1 - T0) == {4096}
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_dense_output_reserved_for_max_steps_is_warned_of(adjoint):
+    remedy = "StepTo" if adjoint == "deer" else "DeerAdjoint.*StepTo"
+    match = rf"reserves 0\.6\d GiB.*max_steps.*{remedy}"
+    with pytest.warns(UserWarning, match=match):
+        assert _dense_info_lengths(ADJOINTS[adjoint], dt0=T1 - T0) == {4096}

@@ -25,11 +25,15 @@ class SolveContext(eqx.Module):
         `discrete_terminating_event`), or `None`.
     - `adjoint`: its `adjoint=`.
     - `throw`: its `throw=`.
+    - `saveat`, `max_steps`: its `saveat=` and `max_steps=` (dense output reserves
+        `max_steps` windows).
     """
 
     event: Any
     adjoint: Any
     throw: bool
+    saveat: Any = None
+    max_steps: int | None = None
 
     @property
     def deer_adjoint(self) -> bool:
@@ -53,6 +57,8 @@ def enclosing_diffeqsolve() -> SolveContext | None:
                 event=names.get("event"),
                 adjoint=names.get("adjoint"),
                 throw=bool(names.get("throw", True)),
+                saveat=names.get("saveat"),
+                max_steps=names.get("max_steps"),
             )
         frame = frame.f_back
     return None

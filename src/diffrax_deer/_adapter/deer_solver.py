@@ -19,6 +19,7 @@ from .._core.validation import as_python_scalar, check_integer, check_tolerance
 from .._core.window import solve_window
 from .._methods.theta_method import Trapezoid
 from .context import check_event_support, enclosing_diffeqsolve
+from .dense import warn_if_dense_buffers_are_large
 from .failures import raise_if_failed
 from .interpolation import DeerInterpolation, ravel, structure_template
 from .runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
@@ -417,6 +418,11 @@ class DeerSolver(AbstractSolver):
             info=self.method.dense_info(vector_field, ts, ys, stages, args),
             template=structure_template(y0),
         )
+        dense = context is not None and getattr(context.saveat, "dense", False)
+        if dense and not context.deer_adjoint:
+            # diffrax's own loop reserves `max_steps` windows of this; DeerAdjoint
+            # reserves only the windows that occur, or warns itself.
+            warn_if_dense_buffers_are_large(dense_info, context.max_steps)
         y1 = unravel(ys[-1])
         return y1, None, dense_info, new_state, result
 

@@ -43,17 +43,47 @@ def fit_dense_buffers(
                 lambda s: (s.dense_ts, s.dense_infos), state, (dense_ts, dense_infos)
             )
         return state
-    reserved = sum(
-        x.size * x.dtype.itemsize for x in jtu.tree_leaves(state.dense_infos)
+    reserved = _nbytes(state.dense_infos)
+    warn_if_reserved_is_large(
+        reserved,
+        reserved_windows,
+        "or give the windows as `stepsize_controller=diffrax.StepTo(ts)` (with "
+        "`dt0=None`), which reserves only those",
     )
+    return state
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(tree))
+
+
+def warn_if_reserved_is_large(reserved: int, max_steps: int, remedy: str) -> None:
+    """Warns when dense output reserves more than 256 MiB for `max_steps` windows.
+
+    **Arguments:**
+
+    - `reserved`: the bytes reserved.
+    - `max_steps`: the windows they are reserved for.
+    - `remedy`: how else to size them, after "Pass `max_steps` = the number of
+        windows".
+    """
     if reserved > DENSE_WARNING_BYTES:
         warnings.warn(
             f"`SaveAt(dense=True)` reserves {reserved / 2**30:.2f} GiB of dense "
-            f"output: diffrax keeps `max_steps={reserved_windows}` windows of "
+            f"output: diffrax keeps `max_steps={max_steps}` windows of "
             "DeerSolver's nodes. Pass `max_steps` = the number of windows "
-            "(`ceil((t1 - t0) / dt0)`), or give the windows as "
-            "`stepsize_controller=diffrax.StepTo(ts)` (with `dt0=None`), which "
-            "reserves only those.",
-            stacklevel=2,
+            f"(`ceil((t1 - t0) / dt0)`), {remedy}.",
+            stacklevel=3,
         )
-    return state
+
+
+def warn_if_dense_buffers_are_large(dense_info, max_steps: int | None) -> None:
+    """The same warning under diffrax's own loop, which DeerSolver cannot resize: from
+    one window's dense output and the enclosing solve's `max_steps`."""
+    if max_steps is not None:
+        warn_if_reserved_is_large(
+            max_steps * _nbytes(dense_info),
+            max_steps,
+            "or use `adjoint=diffrax_deer.DeerAdjoint()` with "
+            "`stepsize_controller=diffrax.StepTo(ts)`, which reserves only those",
+        )
