@@ -378,8 +378,10 @@ class DeerAdjoint(AbstractAdjoint):
 
     Saving follows diffrax exactly (`t0`, `t1`, `ts`, `steps`, `fn`, `subs`,
     `dense`, `solver_state`, `controller_state`, `made_jump`); values and gradients
-    equal those of the default adjoint to round-off. `sol.stats` holds diffrax's
-    counts (`num_steps` is the number of windows) and the Newton figures of the final
+    equal those of the default adjoint to round-off (with `StepTo`, the dense
+    output's buffers hold only its windows, not `max_steps` of them). `sol.stats`
+    holds diffrax's counts (`num_steps` is the number of windows) and the Newton
+    figures of the final
     [`diffrax_deer.DeerState`][]: `num_iters`, `total_num_iters`, `max_num_iters`,
     `update_norm`, `residual_norm`. A window that fails sets `sol.result` (and
     raises, with `throw=True`), and the solve stops there.

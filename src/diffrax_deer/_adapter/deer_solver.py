@@ -145,8 +145,16 @@ class DeerSolver(AbstractSolver):
     dynamics over a long window). Values between nodes (`SaveAt(ts=...)`,
     `SaveAt(dense=True)`) come from Hermite interpolation (cubic; quintic for the
     collocation methods) or an explicit solver's own interpolation. With
-    `SaveAt(dense=True)` set `max_steps` to the number of windows: diffrax stores
-    every window's nodes, `max_steps` times.
+    `SaveAt(dense=True)` diffrax reserves every window's nodes `max_steps` times:
+    set `max_steps` to the number of windows, or use `DeerAdjoint` with `StepTo`,
+    which reserves only those (a reservation over 256 MiB is warned of).
+
+    Terms: `diffrax.ODETerm`, or any term whose control is time (`contr(t0, t1)`
+    is `t1 - t0` in every leaf, up to a constant factor), alone or in a
+    `diffrax.MultiTerm`; DeerSolver solves dy/dt =
+    `terms.vf_prod(t, y, args, terms.contr(0, 1))`. SDEs and other controls are
+    refused at trace time. Empty states (`y0=None`, zero-size leaves) give an empty
+    solution.
 
     For gradients with many save times pass `adjoint=diffrax_deer.DeerAdjoint()`
     (and windows via `StepTo`, for forward mode too): it saves all times at once,
@@ -177,7 +185,7 @@ class DeerSolver(AbstractSolver):
     - `num_steps`: intervals per window, $N \ge 1$.
     - `rtol`, `atol`: Newton stops when every node's update is within
         `atol + rtol * |y|` in the RMS norm. `None` picks by dtype: 1e-10 in float64,
-        1e-5 in float32.
+        1e-5 in float32. Finite and at least 0; one of them (not both) may be 0.
     - `max_iters`: the most Newton iterations per window.
     - `predictor_steps`: sequential RK4 steps of the initial guess; `None` uses
         `max(64, num_steps // 16)` (at most `num_steps`), `0` starts from `y0` at

@@ -45,7 +45,7 @@ def check_integer(name: str, value: Any, *, minimum: int, meaning: str) -> None:
     **Arguments:**
 
     - `name`: how the option is written in the message, e.g. "`max_iters`".
-    - `value`: its value (after [`as_python_scalar`][]).
+    - `value`: its value (after `as_python_scalar`).
     - `minimum`: the smallest value allowed.
     - `meaning`: what the option is, for the message.
     """
@@ -62,7 +62,7 @@ def check_tolerance(name: str, value: Any) -> None:
     **Arguments:**
 
     - `name`: the option, e.g. "`rtol`".
-    - `value`: its value (after [`as_python_scalar`][]).
+    - `value`: its value (after `as_python_scalar`).
     """
     if value is None:
         return
