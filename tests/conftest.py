@@ -21,6 +21,7 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+from diffrax_deer import BackwardEuler, GaussLegendre, RadauIIA, Trapezoid  # noqa: E402
 from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
 
 
@@ -71,6 +72,19 @@ def pytest_terminal_summary(terminalreporter):
             f"(vm.max_map_count {_max_map_count()}), JAX caches cleared "
             f"{_MAPPINGS['clears']} times"
         )
+
+
+# --------------------------------------------------------------------------------------
+# diffrax-deer's own methods
+# --------------------------------------------------------------------------------------
+
+NATIVE_METHODS = {
+    "backward_euler": BackwardEuler(),
+    "trapezoid": Trapezoid(),
+    "gauss_legendre2": GaussLegendre(stages=2),
+    "gauss_legendre3": GaussLegendre(stages=3),
+    "radau_iia3": RadauIIA(stages=3),
+}
 
 
 # --------------------------------------------------------------------------------------

@@ -18,23 +18,16 @@ import scipy.integrate
 import scipy.linalg
 import sympy
 
+from conftest import NATIVE_METHODS
 from diffrax_deer import (
     BackwardEuler,
     DeerSolver,
     GaussLegendre,
     RadauIIA,
-    Trapezoid,
     collocation_tableau,
 )
 
 
-NATIVE_METHODS = {
-    "backward_euler": BackwardEuler(),
-    "trapezoid": Trapezoid(),
-    "gauss_legendre2": GaussLegendre(stages=2),
-    "gauss_legendre3": GaussLegendre(stages=3),
-    "radau_iia3": RadauIIA(stages=3),
-}
 EXPLICIT_METHODS = {
     "euler": diffrax.Euler(),
     "heun": diffrax.Heun(),
