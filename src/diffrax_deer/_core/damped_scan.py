@@ -322,7 +322,7 @@ def solve_damped_recurrence(
         E = tr(SinvFP)
         g = m - mv(E, mv(F, m) + u)
         first = jnp.arange(rows.start, rows.stop, rows.step) == num_steps - 2
-        g = jnp.where(broadcast_rows(first, g), g + mv(E, last_mean), g)
+        g = jnp.where(broadcast_rows(first, g), g + mv(E, last_mean[None]), g)
         E = jnp.where(broadcast_rows(first, E), jnp.zeros((), dtype), E)
         return E, g
 
