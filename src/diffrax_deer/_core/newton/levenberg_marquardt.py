@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Inexact, Int, PyTree, Real
 
 from ..discretisation import AbstractLinearisation, Residual
 from ..scan import is_diagonal
-from .norms import sum_squares
+from .norms import error_estimate, sum_squares
 from .step import (
     BestIterate,
     NewtonProblem,
@@ -148,7 +148,14 @@ def _damped_step(
     trial = trial_point(problem, state.ys, state.stages, one, delta_ys, delta_stages)
     small = trial.update_norm <= 1
     undamped = state.damping == 0
-    converged = trial.finite & small & undamped
+    # Only an undamped step can show convergence; the contraction rate is that of
+    # consecutive undamped steps (`progress.update_norm` is infinite otherwise).
+    estimate = jnp.where(
+        undamped,
+        error_estimate(trial.update_norm, state.progress.update_norm),
+        trial.update_norm,
+    )
+    converged = trial.finite & undamped & (estimate <= 1)
     # Actual over predicted decrease of the merit, both measured with this
     # linearisation's per-interval solves.
     _, trial_merit = merit(linearisation, problem.residual(trial.ys, trial.stages))
@@ -194,7 +201,9 @@ def _damped_step(
     )
     progress = state.progress.after_step(
         accepted=accept,
+        newton_step=undamped,
         update_norm=trial.update_norm,
+        error_estimate=estimate,
         non_finite=~finite,
         converged=converged,
         stuck=damping.damping > MAX_DAMPING,
@@ -235,7 +244,12 @@ def levenberg_marquardt_rescue(
         damping_growth=jnp.array(2, dtype),
         restart_damping=first,
         undamped_run=jnp.array(0, jnp.int32),
-        progress=eqx.tree_at(lambda p: p.terminate, progress, jnp.array(False)),
+        # Resuming from the best iterate: no contraction rate to go on yet.
+        progress=eqx.tree_at(
+            lambda p: (p.update_norm, p.terminate),
+            progress,
+            (jnp.array(jnp.inf, dtype), jnp.array(False)),
+        ),
     )
 
     def cond_fun(state):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Inexact, PyTree, Real
 
+from .norms import error_estimate
 from .step import (
     BestIterate,
     NewtonProblem,
@@ -59,7 +60,9 @@ def _plain_step(
         problem, state.ys, state.stages, fraction, delta_ys, delta_stages
     )
     finite = trial.finite
-    converged = finite & (trial.update_norm <= 1) & (fraction == 1)
+    whole = fraction == 1
+    estimate = error_estimate(trial.update_norm, state.progress.update_norm)
+    converged = finite & whole & (estimate <= 1)
     if halve_non_finite:
         new_fraction = jnp.where(finite, 1.0, fraction / 2)
         stuck = new_fraction < MIN_STEP_FRACTION
@@ -69,7 +72,9 @@ def _plain_step(
     ys, stages = select(finite, (trial.ys, trial.stages), (state.ys, state.stages))
     progress = state.progress.after_step(
         accepted=finite,
+        newton_step=whole,
         update_norm=trial.update_norm,
+        error_estimate=estimate,
         non_finite=~finite,
         converged=converged,
         stuck=stuck,

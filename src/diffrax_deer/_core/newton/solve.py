@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Inexact, Int, PyTree, Real
 from ..discretisation import AbstractDiscretisation, JacobianMode, VectorField
 from .levenberg_marquardt import levenberg_marquardt_rescue
 from .norms import residual_norm
-from .plain import plain_newton
+from .plain import PlainNewtonState, plain_newton
 from .step import BestIterate, NewtonProblem, NewtonProgress, select
 
 
@@ -20,9 +20,12 @@ class NewtonStats(eqx.Module):
     - `num_iters`: Newton iterations taken (each one linear solve, accepted or not).
     - `num_rejected`: iterations whose step was rejected (non-finite, or with
         damping, not decreasing the residual enough) and retried shorter.
-    - `update_norm`: the scaled size of the last accepted update,
-        $\\max_i \\mathrm{RMS}(\\delta_i / (\\text{atol} + \\text{rtol}|y_i|))$;
-        converged when at most 1 on an undamped step.
+    - `update_norm`: the estimated error of the last iterate, in units of the
+        tolerance: the scaled size of the last accepted update,
+        $u = \\max_i \\mathrm{RMS}(\\delta_i / (\\text{atol} + \\text{rtol}|y_i|))$,
+        times $\\theta / (1 - \\theta)$ for its contraction $\\theta$ against the
+        update before (the first update: $u$ itself); converged when at most 1 on an
+        undamped step.
     - `residual_norm`: $\\max_i \\mathrm{RMS}(r_i)$ of the returned iterate (node and
         stage residuals).
     - `damping`: the Levenberg-Marquardt damping $\\lambda$ at the end (0 when the
@@ -57,13 +60,27 @@ def _stats(
     stats = NewtonStats(
         num_iters=progress.num_iters,
         num_rejected=progress.num_rejected,
-        update_norm=progress.update_norm,
+        update_norm=progress.error_estimate,
         residual_norm=jnp.where(use_final, final_norm, best.residual_norm),
         damping=damping,
         converged=progress.converged,
         diverged=~progress.converged & progress.last_step_non_finite,
     )
     return ys, stages, stats
+
+
+def _check_tolerances(rtol, atol) -> None:
+    def negative(x):
+        return not isinstance(x, jax.Array) and x < 0
+
+    if negative(rtol) or (atol is not None and negative(atol)):
+        raise ValueError(f"Tolerances must be >= 0; got rtol={rtol}, atol={atol}.")
+    if atol is None and not isinstance(rtol, jax.Array) and rtol == 0:
+        raise ValueError("`atol=None` scales with `rtol`, which must then be > 0.")
+    if (atol is not None and not isinstance(atol, jax.Array) and atol == 0) and (
+        not isinstance(rtol, jax.Array) and rtol == 0
+    ):
+        raise ValueError("`rtol` and `atol` cannot both be zero.")
 
 
 def newton_solve(
@@ -75,7 +92,7 @@ def newton_solve(
     args: PyTree,
     *,
     rtol: float,
-    atol: float,
+    atol: float | None,
     max_iters: int,
     jacobian: JacobianMode = "full",
     damping: bool = False,
@@ -88,40 +105,42 @@ def newton_solve(
     which turns the Newton system into the affine recurrence
     $\delta_{i+1} = A_i \delta_i + b_i$, $\delta_0 = 0$, with $b = b(-R)$ the
     residual with the per-interval systems solved. It is solved by a parallel scan.
-
-    With `damping=True`, damping is a rescue. Newton runs undamped, as plain DEER,
-    which may let the residual grow by orders of magnitude on its way to converging
-    (from a poor guess DEER converges front to back), until a step overflows. Then
-    it resumes from the best iterate (or, when the first undamped step after damped
-    ones overflows, from where it is)
-    with Levenberg-Marquardt steps: $\delta$ minimises
-    $\sum_i \|\delta_{i+1} - A_i \delta_i - b_i\|^2 + \lambda \sum_i \|\delta_i\|^2$,
-    a parallel Kalman smoother in $O(\log N)$ depth
-    ([`diffrax_deer.solve_damped_recurrence`][]). A damped step is accepted when
-    the merit $\tfrac12\|b(R)\|^2$ falls by at least $10^{-4}$ of the decrease the
-    linear model predicts; $\lambda$ starts at 1 and follows Nielsen's rule from
-    that ratio $\rho$ ($\lambda \leftarrow \lambda \max(\tfrac13, 1 - (2\rho - 1)^3)$
-    on acceptance, doubling growth on rejection). It is switched off below
-    $10^{-6}$ or when a damped step is within tolerance: only an undamped step can
-    show convergence, and if that fails, damping resumes where it was. The rescue is
-    a second loop after plain Newton's, entered only when plain Newton overflowed,
-    so where plain Newton converges its iterations are exactly those without
-    damping (the rescue's buffers are still reserved: up to 3x the memory for
-    dense Jacobians). Without
-    damping, a non-finite step is halved and retried.
-
     Plain Newton carries only the iterate (and the best one) from one iteration to
-    the next: each iteration forms its linearisation and lets it go, so memory is
-    about 7 trajectories with diagonal Jacobians and $O(N n^2)$ once with full ones.
+    the next, so memory is about 7 trajectories with diagonal Jacobians and
+    $O(N n^2)$ once with full ones. A non-finite step is halved and retried.
 
-    Newton has converged when an undamped step is within `atol + rtol * |y|` in the
-    RMS norm at every node. It stops then, at `max_iters`, or when the damping
-    passes $10^{12}$ (undamped: the step shrinks below $2^{-20}$) without an
-    acceptable step. Unless converged it returns the iterate with the smallest
-    residual.
+    **Stopping rule.** With $u_k = \max_i \mathrm{RMS}(\delta_i / (\text{atol} +
+    \text{rtol}\,|y_i|))$ the scaled size of update $k$ and $\theta_k = u_k /
+    u_{k-1}$ its contraction, the error left in the iterate is estimated as
+    $\theta_k / (1 - \theta_k)\, u_k$ (Hairer and Wanner's RADAU5; $u_0$ itself
+    after the first update), and Newton has converged when that is at most 1:
+    `rtol` and `atol` bound the error of the returned iterate, not the last step.
+    An update that does not contract ($\theta_k \geq 1$) never shows convergence.
+    `atol=None` scales with the trajectory: $\text{rtol}$ times each component's
+    largest magnitude on the window (at least 10 machine epsilons of the largest
+    component), so rescaling the state changes nothing. `rtol=0` or `atol=0` (not
+    both) give pure absolute or relative tolerances.
 
-    This is pure JAX and knows nothing of diffrax. It is not meant to be
-    differentiated: see [`diffrax_deer.solve_window`][] for derivatives.
+    **Damping.** With `damping=True`, if a plain step overflows Newton resumes from
+    the best iterate with Levenberg-Marquardt steps, $\delta$ minimising
+    $\sum_i \|\delta_{i+1} - A_i \delta_i - b_i\|^2 + \lambda \sum_i
+    \|\delta_i\|^2$, a parallel Kalman smoother
+    ([`diffrax_deer.solve_damped_recurrence`][]). A damped step is accepted when the
+    merit $\tfrac12\|b(R)\|^2$ falls by at least $10^{-4}$ of the decrease the
+    linear model predicts; $\lambda$ starts at 1 and follows Nielsen's rule from
+    that ratio $\rho$ ($\lambda \leftarrow \lambda \max(\tfrac13, 1 - (2\rho -
+    1)^3)$ on acceptance, doubling growth on rejection), and is switched off below
+    $10^{-6}$ or when a damped step is within tolerance: only undamped steps show
+    convergence; if they fail, damping resumes. This rescue is a second loop,
+    entered only after an overflow, so where plain Newton converges the iterations
+    are exactly those without damping (its buffers are still reserved: up to 3x
+    the memory for dense Jacobians).
+
+    Newton stops when converged, at `max_iters`, or when the damping passes
+    $10^{12}$ (undamped: the step shrinks below $2^{-20}$) without an acceptable
+    step; unless converged it returns the iterate with the smallest residual. This
+    is pure JAX, and not meant to be differentiated: see
+    [`diffrax_deer.solve_window`][] for derivatives.
 
     **Arguments:**
 
@@ -131,7 +150,8 @@ def newton_solve(
     - `guess`: the starting iterate, shape `(N + 1, n)`; `guess[0]` is $y_0$.
     - `stages`: the starting stage unknowns, from `discretisation.init_stages`.
     - `args`: passed to `vector_field`.
-    - `rtol`, `atol`: the stopping tolerances.
+    - `rtol`, `atol`: the tolerances on the iterate's estimated error (per
+        component, `atol + rtol * |y|`); `atol=None` scales with the trajectory.
     - `max_iters`: the most Newton iterations to take.
     - `jacobian`: `"full"` (DEER: quadratic convergence, $O(N n^2)$ memory) or
         `"diagonal"` (quasi-DEER: $O(N n)$ memory, linear convergence).
@@ -143,18 +163,30 @@ def newton_solve(
     The node values $y_i$, shape `(N + 1, n)`; the stage unknowns (or `None`); and
     [`diffrax_deer.NewtonStats`][].
     """
+    _check_tolerances(rtol, atol)
     problem = NewtonProblem(
         vector_field, discretisation, ts, args, rtol, atol, jacobian
     )
     plain = plain_newton(
         problem, guess, stages, max_iters, halve_non_finite=not damping
     )
+    if damping:
+        return _stats(problem, *_rescue_if_overflowed(problem, plain, max_iters))
     no_damping = jnp.zeros((), plain.step_fraction.dtype)
-    if not damping:
-        return _stats(
-            problem, plain.ys, plain.stages, plain.best, plain.progress, no_damping
-        )
+    return _stats(
+        problem, plain.ys, plain.stages, plain.best, plain.progress, no_damping
+    )
 
+
+def _rescue_if_overflowed(
+    problem: NewtonProblem, plain: PlainNewtonState, max_iters: int
+) -> tuple[
+    Inexact[Array, "nodes n"],
+    PyTree[Array] | None,
+    BestIterate,
+    NewtonProgress,
+    Real[Array, ""],
+]:
     # A separate loop, so that plain Newton (usually all there is) runs exactly as
     # without damping: its iterations cost the same and XLA can reuse the buffers
     # of one loop for the other.
@@ -165,6 +197,7 @@ def newton_solve(
         return state.ys, state.stages, state.best, state.progress, state.damping
 
     def no_rescue():
+        no_damping = jnp.zeros((), plain.step_fraction.dtype)
         return plain.ys, plain.stages, plain.best, plain.progress, no_damping
 
     progress = plain.progress
@@ -173,7 +206,4 @@ def newton_solve(
         & ~progress.converged
         & progress.last_step_non_finite
     )
-    ys, stages, best, progress, final_damping = jax.lax.cond(
-        needs_rescue, rescue, no_rescue
-    )
-    return _stats(problem, ys, stages, best, progress, final_damping)
+    return jax.lax.cond(needs_rescue, rescue, no_rescue)

@@ -28,7 +28,8 @@ class NewtonProblem(eqx.Module):
     - `discretisation`: the per-interval residual.
     - `ts`: the grid nodes.
     - `args`: passed to `vector_field`.
-    - `rtol`, `atol`: the stopping tolerances.
+    - `rtol`, `atol`: the stopping tolerances; `atol=None` scales with the
+        trajectory (see `tolerance_scale`).
     - `jacobian`: `"full"` or `"diagonal"`.
     """
 
@@ -37,7 +38,7 @@ class NewtonProblem(eqx.Module):
     ts: Inexact[Array, " nodes"]
     args: PyTree
     rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    atol: float | None = eqx.field(static=True)
     jacobian: JacobianMode = eqx.field(static=True)
 
     def residual(
@@ -86,7 +87,11 @@ class NewtonProgress(eqx.Module):
 
     - `num_iters`: iterations taken (accepted or not).
     - `num_rejected`: iterations whose step was rejected.
-    - `update_norm`: the scaled size of the last accepted step.
+    - `update_norm`: the scaled size of the last step if it was an accepted,
+        whole, undamped Newton step, else infinite: what the next step's
+        contraction rate is measured against.
+    - `error_estimate`: the error left after the last accepted step, estimated
+        from its size and contraction rate (see `error_estimate`).
     - `last_step_non_finite`: whether the last step was non-finite.
     - `converged`: whether the last step showed convergence.
     - `terminate`: whether the loop stops (converged, or stuck).
@@ -95,6 +100,7 @@ class NewtonProgress(eqx.Module):
     num_iters: Int[Array, ""]
     num_rejected: Int[Array, ""]
     update_norm: Real[Array, ""]
+    error_estimate: Real[Array, ""]
     last_step_non_finite: Bool[Array, ""]
     converged: Bool[Array, ""]
     terminate: Bool[Array, ""]
@@ -102,23 +108,27 @@ class NewtonProgress(eqx.Module):
     @staticmethod
     def start(dtype) -> "NewtonProgress":
         zero, false = jnp.array(0, jnp.int32), jnp.array(False)
-        return NewtonProgress(
-            zero, zero, jnp.array(jnp.inf, dtype), false, false, false
-        )
+        inf = jnp.array(jnp.inf, dtype)
+        return NewtonProgress(zero, zero, inf, inf, false, false, false)
 
     def after_step(
         self,
         *,
         accepted: Bool[Array, ""],
+        newton_step: Bool[Array, ""],
         update_norm: Real[Array, ""],
+        error_estimate: Real[Array, ""],
         non_finite: Bool[Array, ""],
         converged: Bool[Array, ""],
         stuck: Bool[Array, ""],
     ) -> "NewtonProgress":
+        # Only consecutive whole undamped steps give a contraction rate.
+        rate_base = accepted & newton_step
         return NewtonProgress(
             num_iters=self.num_iters + 1,
             num_rejected=self.num_rejected + (~accepted).astype(jnp.int32),
-            update_norm=jnp.where(accepted, update_norm, self.update_norm),
+            update_norm=jnp.where(rate_base, update_norm, jnp.inf),
+            error_estimate=jnp.where(accepted, error_estimate, self.error_estimate),
             last_step_non_finite=non_finite,
             converged=converged,
             terminate=converged | stuck,
@@ -151,7 +161,9 @@ def newton_direction(
 
 
 class TrialPoint(eqx.Module):
-    """The iterate after a step, and the step's scaled size."""
+    """The iterate after a step, the step's scaled size, and whether both are
+    finite (the size may be infinite without overflow: a non-zero step where the
+    tolerance is zero)."""
 
     ys: Inexact[Array, "nodes n"]
     stages: PyTree[Array] | None
@@ -174,8 +186,10 @@ def trial_point(
     trial_stages = jtu.tree_map(
         lambda z, dz: z + step_fraction * dz, stages, delta_stages
     )
-    update_norm = scaled_update_norm(step, ys, trial_ys, problem.rtol, problem.atol)
-    finite = jnp.isfinite(update_norm) & all_finite((trial_ys, trial_stages))
+    update_norm, overflow = scaled_update_norm(
+        step, ys, trial_ys, problem.rtol, problem.atol
+    )
+    finite = ~overflow & all_finite((trial_ys, trial_stages))
     return TrialPoint(trial_ys, trial_stages, update_norm, finite)
 
 
