@@ -1,5 +1,7 @@
 """Newton that converges and scales: quasi-DEER, damping, guards."""
 
+import functools
+
 import diffrax
 import equinox as eqx
 import hypothesis
@@ -360,3 +362,124 @@ def test_damping_keeps_a_converging_float32_solve_whose_residual_overflows():
     assert iters_plain == iters_damped
     np.testing.assert_allclose(ys_damped, ys_plain, rtol=1e-6)
     np.testing.assert_allclose(ys_plain[-1], [-3.0, -3.0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# The stopping rule: scale-invariant by default; pure relative or absolute on request
+# --------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _solve_lorenz_in_units(scale):
+    # Lorenz in other units, z = scale * y: the same problem, so default options must
+    # give the same relative accuracy in about as many iterations.
+    dtype = scale.dtype
+    t1 = jnp.asarray(5.0, dtype)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, z, s: s * lorenz(t, z / s, None)),
+        DeerSolver(num_steps=1000),
+        jnp.zeros((), dtype),
+        t1,
+        t1,
+        scale * jnp.ones(3, dtype),
+        args=scale,
+        saveat=diffrax.SaveAt(
+            ts=jnp.linspace(0.0, 5.0, 21).astype(dtype), solver_state=True
+        ),
+        throw=False,
+    )
+    return sol.ys / scale, sol.solver_state.num_iters, sol.result
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_default_tolerances_are_scale_invariant(dtype):
+    # With an absolute default atol, a state far below it passed the test after one
+    # update: "successful", with a relative error of 0.2.
+    reference = tsit5_reference(
+        lorenz, [1.0, 1.0, 1.0], 0.0, 5.0, np.linspace(0, 5, 21)
+    )
+    outcomes = {}
+    for scale in [1e-8, 1e-4, 1.0, 1e4, 1e8]:
+        ys, num_iters, result = _solve_lorenz_in_units(jnp.asarray(scale, dtype))
+        assert result == diffrax.RESULTS.successful
+        error = np.max(np.abs(np.asarray(ys) - reference)) / np.max(np.abs(reference))
+        outcomes[scale] = (error, int(num_iters))
+    error_at_one, iters_at_one = outcomes[1.0]
+    assert error_at_one < 2e-3  # measured 9.1e-4: the trapezoid's error at h = 5e-3
+    for error, num_iters in outcomes.values():
+        np.testing.assert_allclose(error, error_at_one, rtol=1e-2)
+        assert abs(num_iters - iters_at_one) <= 1
+
+
+def cubic_decay(t, y, args):
+    # The second component starts at zero and stays there exactly.
+    return -y - y**3
+
+
+@functools.partial(jax.jit, static_argnames=("rtol", "atol"))
+def _solve_cubic_decay(y0, *, rtol, atol):
+    ts = jnp.linspace(0.0, 2.0, 101)
+    guess = jnp.broadcast_to(y0, (101, 2))
+    return newton_solve(
+        cubic_decay,
+        Trapezoid(),
+        ts,
+        guess,
+        None,
+        None,
+        rtol=rtol,
+        atol=atol,
+        max_iters=20,
+    )
+
+
+@pytest.mark.parametrize("rtol, atol", [(1e-10, 0.0), (0.0, 1e-10), (1e-10, None)])
+def test_pure_relative_and_pure_absolute_tolerances(rtol, atol):
+    # atol = 0: the component that stays at zero has a zero scale and a zero update,
+    # which counts as within tolerance (not 0/0).
+    y0 = jnp.array([1.0, 0.0])
+    ys, _, stats = _solve_cubic_decay(y0, rtol=rtol, atol=atol)
+    assert bool(stats.converged)
+    assert 2 <= int(stats.num_iters) <= 6
+    assert np.isfinite(float(stats.update_norm)) and float(stats.update_norm) <= 1
+    reference = sequential_trapezoid(cubic_decay, y0, np.linspace(0.0, 2.0, 101))
+    np.testing.assert_allclose(ys, reference, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(ys[:, 1], 0.0)
+
+
+def test_zero_tolerances_are_refused():
+    with pytest.raises(ValueError, match="both be zero"):
+        _solve_cubic_decay(jnp.array([1.0, 0.0]), rtol=0.0, atol=0.0)
+
+
+def round_off_driven(t, y, args):
+    # x1 and x2 are the same solution computed two ways, so w = x1 - x2 stays at
+    # round-off (6e-17). Relative to its own size its update never shrinks: the
+    # default atol's floor (10 machine epsilons of the largest component) is what
+    # lets Newton converge.
+    x1, x2, w = y[0], y[1], y[2]
+    forcing = jnp.sin(t)
+    return jnp.stack(
+        [-x1 - 0.1 * x1 + forcing * x1, -1.1 * x2 + forcing * x2, x1 - x2 - w]
+    )
+
+
+def test_default_atol_ignores_a_component_at_round_off():
+    ts = jnp.linspace(0.0, 5.0, 501)
+    guess = jnp.broadcast_to(jnp.array([1.0, 1.0, 0.0]), (501, 3))
+    ys, _, stats = jax.jit(
+        lambda guess: newton_solve(
+            round_off_driven,
+            Trapezoid(),
+            ts,
+            guess,
+            None,
+            None,
+            rtol=1e-10,
+            atol=None,
+            max_iters=20,
+        )
+    )(guess)
+    assert bool(stats.converged)
+    assert int(stats.num_iters) <= 3  # measured 2; without the floor, not in 20
+    assert float(jnp.max(jnp.abs(ys[:, 2]))) < 1e-15

@@ -29,7 +29,10 @@ if typing.TYPE_CHECKING:  # what static tools (type checkers, docs) see
         AbstractLinearisation as AbstractLinearisation,
     )
     from ._core.linear_solve import BatchedLinearSolve as BatchedLinearSolve
-    from ._core.newton import NewtonStats as NewtonStats, newton_solve as newton_solve
+    from ._core.newton.solve import (
+        NewtonStats as NewtonStats,
+        newton_solve as newton_solve,
+    )
     from ._core.scan import solve_affine_recurrence as solve_affine_recurrence
     from ._core.window import solve_window as solve_window
     from ._methods.collocation import (
@@ -56,8 +59,8 @@ _EXPORTS = {
     "AbstractDiscretisation": "._core.discretisation",
     "AbstractLinearisation": "._core.discretisation",
     "BatchedLinearSolve": "._core.linear_solve",
-    "NewtonStats": "._core.newton",
-    "newton_solve": "._core.newton",
+    "NewtonStats": "._core.newton.solve",
+    "newton_solve": "._core.newton.solve",
     "solve_affine_recurrence": "._core.scan",
     "solve_window": "._core.window",
     "AbstractCollocation": "._methods.collocation",

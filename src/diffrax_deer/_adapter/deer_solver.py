@@ -26,14 +26,16 @@ from .runge_kutta import EXPLICIT_SOLVERS, ExplicitRungeKutta
 from .terms import check_terms
 
 
-# Newton's stopping tolerances when none are given. The update's size is a
-# round-off floor times sqrt(N) or so (a random walk through the scan); these stay
-# above that for N up to ~1e6 and below the discretisation error of typical grids.
-_DEFAULT_TOLERANCES = {
-    jnp.dtype(jnp.float64): (1e-10, 1e-10),
-    jnp.dtype(jnp.float32): (1e-5, 1e-5),
-    jnp.dtype(jnp.float16): (1e-2, 1e-2),
-    jnp.dtype(jnp.bfloat16): (1e-2, 1e-2),
+# Newton's relative tolerance when none is given, by dtype (`atol=None` then
+# scales with the trajectory: rtol times each component's largest magnitude).
+# Chosen by measurement (docs/choosing.md): the error Newton leaves is then below
+# the discretisation error of every method and grid measured, and above the
+# round-off floor of the update.
+_DEFAULT_RTOL = {
+    jnp.dtype(jnp.float64): 1e-10,
+    jnp.dtype(jnp.float32): 1e-5,
+    jnp.dtype(jnp.float16): 1e-2,
+    jnp.dtype(jnp.bfloat16): 1e-2,
 }
 
 
@@ -52,7 +54,8 @@ class DeerState(eqx.Module):
     - `num_iters`: Newton iterations of the last window.
     - `total_num_iters`: Newton iterations summed over all windows so far.
     - `max_num_iters`: the most Newton iterations any window took.
-    - `update_norm`: the last window's final scaled update (converged when <= 1).
+    - `update_norm`: the last window's estimated Newton error in units of the
+        tolerance (converged when <= 1).
     - `residual_norm`: the last window's final residual, $\max_i \mathrm{RMS}(r_i)$.
     - `trajectory`: the last window's nodes, flattened, shape `(N + 1, n)` (not
         differentiated).
@@ -183,9 +186,13 @@ class DeerSolver(AbstractSolver):
     **Arguments:**
 
     - `num_steps`: intervals per window, $N \ge 1$.
-    - `rtol`, `atol`: Newton stops when every node's update is within
-        `atol + rtol * |y|` in the RMS norm. `None` picks by dtype: 1e-10 in float64,
-        1e-5 in float32. Finite and at least 0; one of them (not both) may be 0.
+    - `rtol`, `atol`: Newton's tolerances on the error it leaves in the
+        trajectory: it stops when that error, estimated from the last update and
+        how fast the updates contract, is within `atol + rtol * |y|` per component
+        (RMS over the state, at every node). `rtol=None` picks by dtype: 1e-10 in
+        float64, 1e-5 in float32. `atol=None` scales with the solution: `rtol`
+        times each component's largest magnitude in the window, so the test does
+        not depend on the state's units (see `docs/choosing.md`).
     - `max_iters`: the most Newton iterations per window.
     - `predictor_steps`: sequential RK4 steps of the initial guess; `None` uses
         `max(64, num_steps // 16)` (at most `num_steps`), `0` starts from `y0` at
@@ -272,11 +279,13 @@ class DeerSolver(AbstractSolver):
                 ) from error
         check_tolerance("`rtol`", self.rtol)
         check_tolerance("`atol`", self.atol)
-        if self.rtol == 0 and self.atol == 0:
+        if self.rtol == 0 and (self.atol is None or self.atol == 0):
+            # `atol=None` scales with `rtol`, so it is 0 too.
             raise ValueError(
-                "`rtol` and `atol` cannot both be 0: Newton could never stop. Use "
-                "`rtol=0` for a pure absolute tolerance or `atol=0` for a pure "
-                "relative one."
+                "`rtol` and `atol` cannot both be 0 (`atol=None` is `rtol` times the "
+                "solution's scale): Newton could never stop. Use `rtol=0` with a "
+                "positive `atol` for a pure absolute tolerance, or `atol=0` for a "
+                "pure relative one."
             )
         if not isinstance(self.method, AbstractDiscretisation):
             raise ValueError(
@@ -303,11 +312,10 @@ class DeerSolver(AbstractSolver):
         nan_time = jnp.full((), jnp.nan, jnp.result_type(t0))
         return DeerState(zero, zero, zero, nan, nan, trajectory, nan_time, nan_time)
 
-    def _tolerances(self, dtype) -> tuple[float, float]:
-        default_rtol, default_atol = _DEFAULT_TOLERANCES[jnp.dtype(dtype)]
-        rtol = default_rtol if self.rtol is None else self.rtol
-        atol = default_atol if self.atol is None else self.atol
-        return rtol, atol
+    def _tolerances(self, dtype) -> tuple[float, float | None]:
+        rtol = _DEFAULT_RTOL[jnp.dtype(dtype)] if self.rtol is None else self.rtol
+        # None: scaled with the trajectory by `newton_solve`.
+        return rtol, self.atol
 
     def _empty_step(self, t0, t1, y0, solver_state: DeerState):
         # Nothing to solve (`y0=None`, or only zero-size leaves): the state stays

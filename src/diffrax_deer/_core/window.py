@@ -15,7 +15,7 @@ from .predictor import coarse_rk4_guess, constant_guess
 class _WindowConfig(eqx.Module):
     discretisation: AbstractDiscretisation = eqx.field(static=True)
     rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    atol: float | None = eqx.field(static=True)
     max_iters: int = eqx.field(static=True)
     predictor_steps: int = eqx.field(static=True)
     jacobian: JacobianMode = eqx.field(static=True)
@@ -142,7 +142,7 @@ def solve_window(
     use_guess: Bool[Array, ""] | None = None,
     *,
     rtol: float,
-    atol: float,
+    atol: float | None,
     max_iters: int,
     predictor_steps: int,
     jacobian: JacobianMode = "full",
@@ -168,7 +168,8 @@ def solve_window(
     - `use_guess`: optional boolean scalar: when given, `guess` is used only where
         it is true and the predictor runs otherwise (a warm start decided at run
         time).
-    - `rtol`, `atol`, `max_iters`: Newton's stopping rule.
+    - `rtol`, `atol`, `max_iters`: Newton's stopping rule (`atol=None` scales
+        with the trajectory): see [`diffrax_deer.newton_solve`][].
     - `predictor_steps`: coarse RK4 steps of the predictor used when `guess` is
         `None`; `0` starts from $y_0$ at every node.
     - `jacobian`: `"full"` (DEER) or `"diagonal"` (quasi-DEER): see
