@@ -166,12 +166,24 @@ def test_bench_markdown(monkeypatch, tmp_path, capsys):
     case = dict(
         N=1000,
         dtype="float64",
-        method="trapezoid",
+        method="tsit5",
         deer=dict(
-            compile_s=2.0, run_s=0.002, max_error=1e-6, newton_iters=2, successful=True
+            compile_s=2.0,
+            run_s=0.002,
+            max_error=1e-6,
+            newton_iters=2,
+            result="successful",
+            successful=True,
         ),
         step_to=dict(compile_s=1.0, run_s=0.004, max_error=1e-11),
-        pid=dict(reached=True, tolerance=1e-7, run_s=0.001, num_steps=40),
+        pid=dict(
+            reached=True,
+            tolerance=1e-7,
+            compile_s=1.5,
+            run_s=0.001,
+            max_error=5e-7,
+            num_steps=40,
+        ),
         step_to_over_deer=2.0,
         pid_over_deer=0.5,
     )
@@ -188,6 +200,8 @@ def test_bench_markdown(monkeypatch, tmp_path, capsys):
     assert status == 0
     assert out.startswith("# Forward solve: DeerSolver(tsit5) vs Tsit5")
     assert "Machine: Test CPU, 2 cores" in out
-    assert "| float64 | 1000 | 2.00 s | 2.0 ms | 1.0e-06 | 2 |" in out
-    assert "| 2.00x | 0.50x |" in out
+    assert (
+        "| float64 | 1e3 | 2.00 s | 2.0 ms | 1.0e-06 | 2 | 1.00 s | 4.0 ms | 1.0e-11 "
+        "| 1e-07 | 40 | 1.50 s | 1.0 ms | 5.0e-07 | 2.00x | 0.5x |"
+    ) in out
     assert markdown.read_text() == out.rstrip("\n") + "\n"
