@@ -41,6 +41,12 @@ def test_help(command, capsys):
         ["validate", "--problems", "lorenz"],
         ["bench", "--sizes", "1e3,x"],
         ["bench", "--dtypes", "float16"],
+        # Too large for an integer, not whole, or nothing at all: one line, exit 2.
+        ["demo", "--num-steps", "1e400"],
+        ["demo", "--num-steps", "1.5e0"],
+        ["bench", "--sizes", "1e400"],
+        ["bench", "--sizes", ""],
+        ["bench", "--sizes", ","],
     ],
 )
 def test_bad_option_is_one_line(argv, capsys):

@@ -24,8 +24,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _positive_int(text: str) -> int:
     try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
+        number = float(text) if "e" in text.lower() else int(text)
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError
+        value = int(number)
+    except ValueError:  # "many", "1.5e0", "1e400" (inf)
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
@@ -49,7 +52,10 @@ def _choice_list(choices, what: str):
 
 
 def _size_list(text: str) -> list[int]:
-    return [_positive_int(item) for item in text.split(",") if item.strip()]
+    sizes = [_positive_int(item.strip()) for item in text.split(",") if item.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected grid sizes, got {text!r}")
+    return sizes
 
 
 def _method_help() -> str:
@@ -85,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     subcommands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
 
+    _add_demo(subcommands)
+    _add_validate(subcommands)
+    _add_bench(subcommands)
+    return parser
+
+
+def _add_demo(subcommands) -> None:
     demo = subcommands.add_parser(
         "demo",
         help="compare DeerSolver with Tsit5 on an MLP vector field (default)",
@@ -134,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "needs matplotlib)",
     )
 
+
+def _add_validate(subcommands) -> None:
     validate = subcommands.add_parser(
         "validate",
         help="check every method on named problems against trusted answers",
@@ -178,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the results as JSON instead"
     )
 
+
+def _add_bench(subcommands) -> None:
     bench = subcommands.add_parser(
         "bench",
         help="time DeerSolver against Tsit5 (forward solves), Markdown table",
@@ -241,7 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the raw results as JSON instead of the table",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
