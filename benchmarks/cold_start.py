@@ -11,7 +11,6 @@ error at 101 save times against Tsit5 with rtol = atol = 1e-12, and the run time
     python benchmarks/cold_start.py --markdown /tmp/bench_cold_start.md
 """
 
-import argparse
 from typing import Any
 
 import jax
@@ -167,7 +166,7 @@ def to_markdown(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument(
         "--num-steps", type=int, default=NUM_STEPS, help="intervals N (default 1e4)"
     )
@@ -181,10 +180,7 @@ def main() -> None:
         default=None,
         help="comma-separated substrings selecting problems (default: all)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs after compilation"
-    )
-    timing.add_output_options(parser)
+    timing.add_common_options(parser, repeats=3)
     args = parser.parse_args()
 
     predictors = [p for p in args.predictors.split(",") if p]

@@ -11,40 +11,30 @@ most DeerSolver's. The measurement is `diffrax_deer._bench.forward` (also behind
     python benchmarks/forward.py --markdown /tmp/bench_forward.md --json /tmp/f.json
 """
 
-import argparse
-
 from diffrax_deer import Trapezoid
 from diffrax_deer._bench import timing
-from diffrax_deer._bench.forward import DTYPES, run_forward, to_markdown
+from diffrax_deer._bench.forward import run_forward, to_markdown
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument(
         "--sizes",
         default="1e3,1e4,1e5",
         help="comma-separated grid sizes N (default 1e3,1e4,1e5)",
     )
-    parser.add_argument(
-        "--dtypes", default="float32,float64", help="comma-separated dtypes"
+    timing.add_common_options(
+        parser, repeats=5, quick="N = 1e3 only, 3 repeats", dtypes="float32,float64"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed rounds after compilation"
-    )
-    parser.add_argument("--quick", action="store_true", help="N = 1e3 only, 3 repeats")
-    timing.add_output_options(parser)
     args = parser.parse_args()
 
     sizes = timing.parse_list(args.sizes, timing.parse_count)
     repeats = args.repeats
     if args.quick:
         sizes, repeats = [1000], 3
-    dtypes = timing.parse_list(args.dtypes, str)
-    for name in dtypes:
-        if name not in DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
-    if not sizes or not dtypes:
-        parser.error("nothing to run: give at least one size and one dtype")
+    dtypes = timing.parse_dtypes(parser, args.dtypes)
+    if not sizes:
+        parser.error("nothing to run: give at least one size")
 
     results = run_forward(sizes, dtypes, Trapezoid(), "trapezoid", repeats)
     timing.emit(

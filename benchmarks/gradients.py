@@ -27,7 +27,6 @@ turn (interleaved, so a change in load hits all alike), each call ending in
     python benchmarks/gradients.py --markdown /tmp/bench_gradients.md --json /tmp/g.json
 """
 
-import argparse
 from typing import Any
 
 import jax
@@ -271,7 +270,7 @@ def to_markdown(info: dict[str, Any], cases: list[dict[str, Any]], repeats) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument(
         "--obs",
         default="100,1000",
@@ -280,27 +279,20 @@ def main() -> None:
     parser.add_argument(
         "--num-steps", default="1e4", help="nodes N of the DEER window and StepTo"
     )
-    parser.add_argument(
-        "--dtypes", default="float64,float32", help="comma-separated dtypes"
+    timing.add_common_options(
+        parser,
+        repeats=7,
+        quick="M = 100, N = 1e3, float64, 3 repeats",
+        dtypes="float64,float32",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=7, help="timed rounds after compilation"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="M = 100, N = 1e3, float64, 3 repeats"
-    )
-    timing.add_output_options(parser)
     args = parser.parse_args()
 
     obs = timing.parse_list(args.obs, timing.parse_count)
     num_steps = timing.parse_count(args.num_steps)
-    dtypes = timing.parse_list(args.dtypes, str)
+    dtypes = timing.parse_dtypes(parser, args.dtypes)
     repeats = args.repeats
     if args.quick:
         obs, num_steps, dtypes, repeats = [100], 1000, ["float64"], 3
-    for name in dtypes:
-        if name not in DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
 
     info = timing.machine_info()
     timing.progress(timing.machine_header(info))

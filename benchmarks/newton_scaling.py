@@ -13,7 +13,6 @@ configuration:
     python benchmarks/newton_scaling.py --markdown /tmp/bench_newton_scaling.md
 """
 
-import argparse
 import sys
 
 import jax
@@ -53,10 +52,9 @@ def make_solve(problem: Problem, num_steps, jacobian, damping, predictor_steps):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument("--num-steps", type=int, default=10_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64, 256])
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--predictor-steps",
         type=int,
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
         default=64,
         help="largest n at which full DEER is run (larger: memory only)",
     )
-    timing.add_output_options(parser)
+    timing.add_common_options(parser, repeats=5)
     args = parser.parse_args(argv)
 
     info = timing.machine_info()

@@ -8,14 +8,13 @@ coarsest grid of 10 * 2^k intervals whose error is at most 1e-6 max|y|; where no
 up to 2560 is, the coarsest from 2560 on whose error is at most 1e-3 max|y| (the
 first-order methods on the nonlinear problems), at most 163840. Everything is
 float64 and deterministic on a CPU (no timing). Prints the table as Markdown on
-stdout and, with `--python`, the `MEASURED_ERRORS` literal for
+stdout and, with `--python`, the `_MEASURED` table for
 `src/diffrax_deer/_cli/options.py`.
 
     python benchmarks/validation_errors.py --python
     python benchmarks/validation_errors.py --problems linear --methods tsit5
 """
 
-import argparse
 import math
 
 import jax
@@ -76,23 +75,25 @@ def calibrate(name: str, method: str, references) -> dict:
 
 
 def to_python(results) -> str:
-    lines = ["MEASURED_ERRORS: dict[str, dict[str, tuple[int, float]]] = {"]
-    for name in dict.fromkeys(r["problem"] for r in results):
-        lines.append(f'    "{name}": {{')
-        for r in results:
-            if r["problem"] == name:
-                lines.append(f'        "{r["method"]}": ({r["N0"]}, {r["E0"]:.3e}),')
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines)
+    """The `_MEASURED` table of `_cli/options.py`: a row per method, N0 and E0 for
+    each problem in the order of `PROBLEMS`."""
+    cells = {
+        (r["problem"], r["method"]): f"{r['N0']:>6} {r['E0']:.2e}" for r in results
+    }
+    problems = [name for name in PROBLEMS if any(k[0] == name for k in cells)]
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        row = "  ".join(cells.get((name, method), " " * 15) for name in problems)
+        lines.append(f"{method:<17}{row}".rstrip())
+    return '_MEASURED = """\n' + "\n".join(lines) + '\n"""'
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument("--problems", default=",".join(PROBLEMS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
-        "--python", action="store_true", help="also print MEASURED_ERRORS"
+        "--python", action="store_true", help="also print the table of _cli/options.py"
     )
     timing.add_output_options(parser)
     args = parser.parse_args()

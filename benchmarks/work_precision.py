@@ -36,7 +36,6 @@ reference; "err at t1" is the error at the last node alone (no interpolation).
         --json /tmp/bench_work_precision.json
 """
 
-import argparse
 import math
 import os
 import time
@@ -684,46 +683,30 @@ def to_markdown(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument(
         "--targets", default="1e-4,1e-6,1e-8", help="comma-separated max errors"
     )
     parser.add_argument(
-        "--ladder-min", type=int, default=2, help="smallest N = 2**this (default 2)"
-    )
-    parser.add_argument(
-        "--ladder-max", type=int, default=17, help="largest N = 2**this (default 17)"
-    )
-    parser.add_argument(
-        "--ladder-step",
-        type=int,
-        default=1,
-        help="exponent step of the ladder (1: doubling, 2: x4)",
-    )
-    parser.add_argument(
-        "--bisect", type=int, default=2, help="geometric bisection steps per target"
-    )
-    parser.add_argument(
         "--problems", default="mlp,vdp", help="comma-separated: mlp, vdp"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed runs after compilation"
-    )
-    parser.add_argument(
-        "--cost-n", type=int, default=10_000, help="N for the per-iteration cost"
-    )
-    parser.add_argument(
-        "--cost-repeats", type=int, default=15, help="timed rounds (cost)"
-    )
+    for flag, default, text in (
+        ("--ladder-min", 2, "smallest N = 2**this (default 2)"),
+        ("--ladder-max", 17, "largest N = 2**this (default 17)"),
+        ("--ladder-step", 1, "exponent step of the ladder (1: doubling, 2: x4)"),
+        ("--bisect", 2, "geometric bisection steps per target"),
+        ("--cost-n", 10_000, "N for the per-iteration cost"),
+        ("--cost-repeats", 15, "timed rounds (cost)"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=text)
     parser.add_argument(
         "--no-cost", action="store_true", help="skip the per-iteration cost"
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="targets 1e-4,1e-8; ladder 2^2, 2^4, ..., 2^16; no bisection",
+    timing.add_common_options(
+        parser,
+        repeats=5,
+        quick="targets 1e-4,1e-8; ladder 2^2, 2^4, ..., 2^16; no bisection",
     )
-    timing.add_output_options(parser)
     args = parser.parse_args()
 
     targets = timing.parse_list(args.targets, float)

@@ -76,6 +76,43 @@ def _writable_path(text: str) -> str:
     return text
 
 
+_DEMO_HELP = "compare DeerSolver with Tsit5 on an MLP vector field (default)"
+_DEMO = (
+    "Solve a NeuralODE-style problem (MLP 2-64-64-2 field, t in [0, 10]) "
+    "with DeerSolver (one window), with Tsit5 on the same grid and with "
+    "a tight adaptive Tsit5 reference. Print max errors against the "
+    "reference, Newton iterations, compile and run times, and whether "
+    "DeerSolver agrees with the reference within 3x its method's expected "
+    "error on this grid (the error measured by `validate`'s calibration, "
+    "scaled by the step to the power of the order). Exit status 0 when it "
+    "agrees, 1 when not (also when the grid is too coarse to check)."
+)
+_VALIDATE_HELP = "check every method on named problems against trusted answers"
+_BENCH_HELP = "time DeerSolver against Tsit5 (forward solves), Markdown table"
+_BENCH = (
+    "Time DeerSolver (one window of N intervals) against Tsit5 on the same "
+    "grid and against adaptive Tsit5 at matched accuracy, on the demo's MLP "
+    "field: compile and run times, max errors, Newton iterations. Progress "
+    "on stderr; a Markdown table on stdout. The same code as "
+    "benchmarks/forward.py (the benchmarks/ folder of a source checkout "
+    "holds the full suites). Default: N in 1e3, 1e4, 1e5, float32 and "
+    "float64 (about 10 minutes on 2 CPU cores)."
+)
+
+
+_VALIDATE = (
+    "Solve named problems with DeerSolver for every method and compare with "
+    "a trusted answer: the matrix exponential for the linear problem, "
+    "Tsit5 at rtol = atol = 1e-12 for the nonlinear ones. Each method must "
+    "converge and keep its max error within 3x what a correct method "
+    "makes on the grid: the error measured once on the case's "
+    "calibration grid N0, times (N0/N)^order (at least 3e-10 max|y|). "
+    "Print a table; "
+    "exit status 1 when any is out of tolerance. Progress goes to stderr. "
+    f"Problems: {'; '.join(f'{k}: {v}' for k, v in PROBLEMS.items())}."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (no JAX import)."""
     parser = _Parser(
@@ -98,20 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(subcommands) -> None:
-    demo = subcommands.add_parser(
-        "demo",
-        help="compare DeerSolver with Tsit5 on an MLP vector field (default)",
-        description=(
-            "Solve a NeuralODE-style problem (MLP 2-64-64-2 field, t in [0, 10]) "
-            "with DeerSolver (one window), with Tsit5 on the same grid and with "
-            "a tight adaptive Tsit5 reference. Print max errors against the "
-            "reference, Newton iterations, compile and run times, and whether "
-            "DeerSolver agrees with the reference within 3x its method's expected "
-            "error on this grid (the error measured by `validate`'s calibration, "
-            "scaled by the step to the power of the order). Exit status 0 when it "
-            "agrees, 1 when not (also when the grid is too coarse to check)."
-        ),
-    )
+    demo = subcommands.add_parser("demo", help=_DEMO_HELP, description=_DEMO)
     demo.add_argument(
         "--method",
         choices=list(METHODS),
@@ -152,19 +176,7 @@ def _add_demo(subcommands) -> None:
 
 def _add_validate(subcommands) -> None:
     validate = subcommands.add_parser(
-        "validate",
-        help="check every method on named problems against trusted answers",
-        description=(
-            "Solve named problems with DeerSolver for every method and compare with "
-            "a trusted answer: the matrix exponential for the linear problem, "
-            "Tsit5 at rtol = atol = 1e-12 for the nonlinear ones. Each method must "
-            "converge and keep its max error within 3x what a correct method "
-            "makes on the grid: the error measured once on the case's "
-            "calibration grid N0, times (N0/N)^order (at least 3e-10 max|y|). "
-            "Print a table; "
-            "exit status 1 when any is out of tolerance. Progress goes to stderr. "
-            f"Problems: {'; '.join(f'{k}: {v}' for k, v in PROBLEMS.items())}."
-        ),
+        "validate", help=_VALIDATE_HELP, description=_VALIDATE
     )
     validate.add_argument(
         "--quick",
@@ -199,19 +211,7 @@ def _add_validate(subcommands) -> None:
 
 
 def _add_bench(subcommands) -> None:
-    bench = subcommands.add_parser(
-        "bench",
-        help="time DeerSolver against Tsit5 (forward solves), Markdown table",
-        description=(
-            "Time DeerSolver (one window of N intervals) against Tsit5 on the same "
-            "grid and against adaptive Tsit5 at matched accuracy, on the demo's MLP "
-            "field: compile and run times, max errors, Newton iterations. Progress "
-            "on stderr; a Markdown table on stdout. This is the package's copy of "
-            "benchmarks/forward.py (the benchmarks/ folder of a source checkout "
-            "holds the full suites). Default: N in 1e3, 1e4, 1e5, float32 and "
-            "float64 (about 10 minutes on 2 CPU cores)."
-        ),
-    )
+    bench = subcommands.add_parser("bench", help=_BENCH_HELP, description=_BENCH)
     bench.add_argument(
         "--quick",
         action="store_true",

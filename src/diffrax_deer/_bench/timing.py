@@ -231,9 +231,47 @@ def parse_count(text: str) -> int:
     return int(float(text)) if "e" in text.lower() else int(text)
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser, described by its docstring's first paragraph."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0])
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="PATH", help="write a Markdown table")
     parser.add_argument("--json", metavar="PATH", help="write the raw results")
+
+
+def add_common_options(
+    parser: argparse.ArgumentParser,
+    *,
+    repeats: int,
+    quick: str | None = None,
+    dtypes: str | None = None,
+) -> None:
+    """The options the benchmark scripts share: `--repeats`, `--quick` (when
+    `quick` says what it runs), `--dtypes` (when `dtypes` is the default list; read
+    it with `parse_dtypes`), `--markdown` and `--json`."""
+    if dtypes is not None:
+        parser.add_argument(
+            "--dtypes", default=dtypes, help=f"comma-separated dtypes ({dtypes})"
+        )
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help="timed runs after compilation"
+    )
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    add_output_options(parser)
+
+
+DTYPE_NAMES = ("float32", "float64")
+
+
+def parse_dtypes(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    names = parse_list(text, str)
+    unknown = [name for name in names if name not in DTYPE_NAMES]
+    if unknown or not names:
+        parser.error(f"bad dtypes {text!r}; choose from {', '.join(DTYPE_NAMES)}")
+    return names
 
 
 def emit(markdown: str, data: Any, options: argparse.Namespace) -> None:

@@ -75,68 +75,35 @@ def make_method(name: str):
 # error is at most 1e-6 max|y|; where none up to 2560 is, the coarsest from 2560 on
 # at most 1e-3 max|y| (first-order methods), at most 163840. Rerun the script when
 # a change legitimately moves an error (`validate` fails until then).
-MEASURED_ERRORS: dict[str, dict[str, tuple[int, float]]] = {
-    "linear": {
-        "trapezoid": (2560, 1.350e-06),
-        "backward-euler": (10240, 5.710e-04),
-        "gauss-legendre-2": (80, 4.720e-07),
-        "gauss-legendre-3": (20, 3.260e-07),
-        "radau-iia-3": (40, 2.270e-07),
-        "euler": (10240, 5.730e-04),
-        "heun": (2560, 2.700e-06),
-        "midpoint": (2560, 2.700e-06),
-        "ralston": (2560, 2.700e-06),
-        "bosh3": (640, 1.850e-07),
-        "tsit5": (40, 1.420e-07),
-        "dopri5": (40, 5.170e-07),
-        "dopri8": (10, 1.300e-07),
-    },
-    "lotka-volterra": {
-        "trapezoid": (2560, 1.960e-04),
-        "backward-euler": (163840, 1.540e-02),
-        "gauss-legendre-2": (320, 1.630e-06),
-        "gauss-legendre-3": (80, 3.800e-06),
-        "radau-iia-3": (320, 2.830e-07),
-        "euler": (163840, 1.540e-02),
-        "heun": (2560, 1.920e-04),
-        "midpoint": (2560, 2.920e-04),
-        "ralston": (2560, 2.590e-04),
-        "bosh3": (1280, 6.480e-06),
-        "tsit5": (160, 2.970e-06),
-        "dopri5": (160, 3.890e-06),
-        "dopri8": (40, 3.200e-06),
-    },
-    "van-der-pol": {
-        "trapezoid": (2560, 6.800e-04),
-        "backward-euler": (163840, 7.430e-03),
-        "gauss-legendre-2": (640, 1.130e-06),
-        "gauss-legendre-3": (160, 7.560e-07),
-        "radau-iia-3": (320, 4.030e-07),
-        "euler": (163840, 7.440e-03),
-        "heun": (2560, 1.310e-03),
-        "midpoint": (2560, 1.330e-03),
-        "ralston": (2560, 1.320e-03),
-        "bosh3": (2560, 5.060e-06),
-        "tsit5": (320, 8.930e-07),
-        "dopri5": (320, 1.740e-06),
-        "dopri8": (80, 1.220e-07),
-    },
-    "mlp": {
-        "trapezoid": (1280, 4.930e-06),
-        "backward-euler": (2560, 8.870e-03),
-        "gauss-legendre-2": (10, 3.680e-06),
-        "gauss-legendre-3": (10, 3.820e-09),
-        "radau-iia-3": (10, 1.220e-07),
-        "euler": (2560, 8.860e-03),
-        "heun": (640, 1.870e-05),
-        "midpoint": (1280, 7.270e-06),
-        "ralston": (1280, 6.410e-06),
-        "bosh3": (80, 6.500e-06),
-        "tsit5": (10, 3.380e-08),
-        "dopri5": (10, 1.400e-07),
-        "dopri8": (10, 1.040e-11),
-    },
-}
+# One row per method: N0 and E0 for each problem, in the order of PROBLEMS:
+#                 linear           lotka-volterra   van-der-pol      mlp
+_MEASURED = """
+trapezoid          2560 1.35e-06    2560 1.96e-04    2560 6.80e-04    1280 4.93e-06
+backward-euler    10240 5.71e-04  163840 1.54e-02  163840 7.43e-03    2560 8.87e-03
+gauss-legendre-2     80 4.72e-07     320 1.63e-06     640 1.13e-06      10 3.68e-06
+gauss-legendre-3     20 3.26e-07      80 3.80e-06     160 7.56e-07      10 3.82e-09
+radau-iia-3          40 2.27e-07     320 2.83e-07     320 4.03e-07      10 1.22e-07
+euler             10240 5.73e-04  163840 1.54e-02  163840 7.44e-03    2560 8.86e-03
+heun               2560 2.70e-06    2560 1.92e-04    2560 1.31e-03     640 1.87e-05
+midpoint           2560 2.70e-06    2560 2.92e-04    2560 1.33e-03    1280 7.27e-06
+ralston            2560 2.70e-06    2560 2.59e-04    2560 1.32e-03    1280 6.41e-06
+bosh3               640 1.85e-07    1280 6.48e-06    2560 5.06e-06      80 6.50e-06
+tsit5                40 1.42e-07     160 2.97e-06     320 8.93e-07      10 3.38e-08
+dopri5               40 5.17e-07     160 3.89e-06     320 1.74e-06      10 1.40e-07
+dopri8               10 1.30e-07      40 3.20e-06      80 1.22e-07      10 1.04e-11
+"""
+
+
+def _measured_errors(table: str) -> dict[str, dict[str, tuple[int, float]]]:
+    errors: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in PROBLEMS}
+    for line in table.strip().splitlines():
+        method, *cells = line.split()
+        for name, steps, error in zip(PROBLEMS, cells[::2], cells[1::2], strict=True):
+            errors[name][method] = (int(steps), float(error))
+    return errors
+
+
+MEASURED_ERRORS = _measured_errors(_MEASURED)
 
 # A correct method's error on another grid N is E0 (N0 / N)^order; the bound allows
 # a factor SAFETY above that, and never asks for less than FLOORS[dtype] max|y|:
