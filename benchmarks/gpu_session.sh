@@ -14,11 +14,11 @@ py=python3
 if [ ! -d /tmp/site ]; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
-if ! $py -c "import diffrax_deer, diffrax, jax; print(jax.__version__, diffrax.__version__, jax.devices())"; then
+export PYTHONPATH=/tmp/site:$PWD/src
+if ! $py -c "import diffrax_deer._bench.timing, diffrax, jax; print(jax.__version__, diffrax.__version__, jax.devices())"; then
   echo "pinned wheels failed; falling back to the image's packages"
-  export PYTHONPATH=$PWD/src:$PWD/benchmarks
-  $py -c "import diffrax_deer, diffrax, jax; print(jax.__version__, diffrax.__version__, jax.devices())" || exit 1
+  export PYTHONPATH=$PWD/src
+  $py -c "import diffrax_deer._bench.timing, diffrax, jax; print(jax.__version__, diffrax.__version__, jax.devices())" || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 for stage in "$@"; do

@@ -13,37 +13,26 @@ configuration:
     python benchmarks/newton_scaling.py --markdown /tmp/bench_newton_scaling.md
 """
 
-import argparse
 import sys
 
-import diffrax
-import equinox as eqx
 import jax
-import jax.numpy as jnp
-
-from _timing import (
-    fmt_seconds,
-    machine_header,
-    machine_info,
-    markdown_table,
-    progress,
-    result_name,
-    time_call,
-    write_json,
-    write_text,
-)
-from diffrax_deer import DeerSolver
-from diffrax_deer._bench.problems import MLPVectorField
 
 
-def field_of_size(size: int) -> MLPVectorField:
-    field = MLPVectorField(state_size=size, width=64, depth=2, key=jax.random.key(0))
-    return jax.tree.map(
-        lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, field
-    )
+# The field's weights are drawn in float64 (as everywhere in the registry) and
+# rounded to float32; the solves are float32.
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+from diffrax_deer import DeerSolver  # noqa: E402
+from diffrax_deer._bench import timing  # noqa: E402
+from diffrax_deer._bench.problems import Problem, mlp_problem  # noqa: E402
+from diffrax_deer._bench.solves import Instance, deer_solve  # noqa: E402
 
 
-def make_solve(field, num_steps, jacobian, damping, predictor_steps):
+def make_solve(problem: Problem, num_steps, jacobian, damping, predictor_steps):
+    """A jitted float32 solve `y0 -> (y(t1), result, Newton iterations)`; the field's
+    weights are constants of the computation, not arguments."""
     solver = DeerSolver(
         num_steps=num_steps,
         jacobian=jacobian,
@@ -51,29 +40,21 @@ def make_solve(field, num_steps, jacobian, damping, predictor_steps):
         max_iters=100,
         predictor_steps=predictor_steps,
     )
+    base = problem.instance(jnp.float32)
 
     @jax.jit
     def solve(y0):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field),
-            solver,
-            jnp.float32(0),
-            jnp.float32(1),
-            jnp.float32(1),
-            y0,
-            saveat=diffrax.SaveAt(t1=True, solver_state=True),
-            throw=False,
-        )
+        case = Instance(base.term, y0, base.t0, base.t1, base.t1[None])
+        sol = deer_solve(solver, case)
         return sol.ys, sol.result, sol.solver_state.num_iters
 
     return solve
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument("--num-steps", type=int, default=10_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64, 256])
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--predictor-steps",
         type=int,
@@ -91,21 +72,20 @@ def main(argv=None) -> int:
         default=64,
         help="largest n at which full DEER is run (larger: memory only)",
     )
-    parser.add_argument("--markdown")
-    parser.add_argument("--json")
+    timing.add_common_options(parser, repeats=5)
     args = parser.parse_args(argv)
 
-    info = machine_info()
+    info = timing.machine_info()
     rows, records = [], []
     for size in args.sizes:
-        field = field_of_size(size)
-        y0 = jax.random.normal(jax.random.key(1), (size,), jnp.float32)
+        problem = mlp_problem(size)
+        y0 = problem.y0_array(jnp.float32)
         trajectory_bytes = (args.num_steps + 1) * size * 4
         for jacobian in ("full", "diagonal"):
             for damping in [d == "on" for d in args.dampings.split(",")]:
-                progress(f"n={size} {jacobian} damping={damping}")
+                timing.progress(f"n={size} {jacobian} damping={damping}")
                 solve = make_solve(
-                    field, args.num_steps, jacobian, damping, args.predictor_steps
+                    problem, args.num_steps, jacobian, damping, args.predictor_steps
                 )
                 analysis = solve.lower(y0).compile().memory_analysis()
                 memory = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
@@ -118,14 +98,13 @@ def main(argv=None) -> int:
                 )
                 run = jacobian == "diagonal" or size <= args.max_full_size
                 if run:
-                    (_, result, iters), first, median = time_call(
-                        solve, y0, repeats=args.repeats
-                    )
+                    timed = timing.time_call(solve, y0, repeats=args.repeats)
+                    _, result, iters = timed.output
                     record.update(
                         iterations=int(iters),
-                        outcome=result_name(result),
-                        first_call_s=first,
-                        median_s=median,
+                        outcome=timing.result_name(result),
+                        first_call_s=timed.compile_s,
+                        median_s=timed.run_s,
                     )
                 records.append(record)
                 rows.append(
@@ -137,8 +116,8 @@ def main(argv=None) -> int:
                         f"{record['memory_over_trajectory']:.1f}x",
                         str(record.get("iterations", "not run")),
                         record.get("outcome", ""),
-                        fmt_seconds(record.get("median_s")),
-                        fmt_seconds(record.get("first_call_s")),
+                        timing.fmt_seconds(record.get("median_s")),
+                        timing.fmt_seconds(record.get("first_call_s")),
                     ]
                 )
     headers = [
@@ -153,15 +132,12 @@ def main(argv=None) -> int:
         "first call (after the AOT compile)",
     ]
     text = (
-        f"{machine_header(info)}\n\nN = {args.num_steps}, float32, softplus MLP width "
-        f"64, t in [0, 1], one window, predictor_steps={args.predictor_steps} "
-        "(None: the default RK4 predictor).\n\n" + markdown_table(headers, rows)
+        f"{timing.machine_header(info)}\n\nN = {args.num_steps}, float32, softplus "
+        f"MLP width 64, t in [0, 1], one window, "
+        f"predictor_steps={args.predictor_steps} "
+        "(None: the default RK4 predictor).\n\n" + timing.markdown_table(headers, rows)
     )
-    print(text)
-    if args.markdown:
-        write_text(args.markdown, text)
-    if args.json:
-        write_json(args.json, dict(machine=info, records=records))
+    timing.emit(text, dict(machine=info, records=records), args)
     return 0
 
 

@@ -36,14 +36,9 @@ reference; "err at t1" is the error at the last node alone (no interpolation).
         --json /tmp/bench_work_precision.json
 """
 
-import argparse
-import functools
 import math
 import os
-import statistics
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -52,23 +47,9 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import diffrax  # noqa: E402
-import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _timing import (  # noqa: E402
-    fmt_error,
-    fmt_ratio,
-    fmt_seconds,
-    machine_header,
-    machine_info,
-    markdown_table,
-    progress,
-    result_name,
-    time_call,
-    write_json,
-    write_text,
-)
 from diffrax_deer import (  # noqa: E402
     BackwardEuler,
     DeerSolver,
@@ -77,7 +58,15 @@ from diffrax_deer import (  # noqa: E402
     Trapezoid,
     __version__ as diffrax_deer_version,
 )
-from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
+from diffrax_deer._bench import timing  # noqa: E402
+from diffrax_deer._bench.problems import Problem, get_problem  # noqa: E402
+from diffrax_deer._bench.solves import (  # noqa: E402
+    Instance,
+    scan_tolerances,
+    solve_adaptive,
+    solve_deer,
+    succeeded,
+)
 
 
 NUM_SAVES = 101
@@ -85,7 +74,6 @@ PID_TOLERANCES = tuple(10.0**-k for k in range(3, 14))
 REFERENCE_TOLERANCE = 1e-12
 CHECK_TOLERANCE = 1e-11
 PID_MAX_STEPS = 1_000_000
-VDP_MU = 1000.0
 
 # label -> (method, stages per interval: f and Jacobian evaluations per interval
 # per Newton iteration, beyond the nodes for the theta methods)
@@ -100,25 +88,10 @@ METHODS: dict[str, tuple[Any, int]] = {
 }
 COST_METHODS = tuple(METHODS)
 
-
-def van_der_pol(t, y, args):
-    del t, args
-    x, v = y
-    return jnp.stack([v, VDP_MU * (1 - x**2) * v - x])
-
-
-def mlp_field() -> MLPVectorField:
-    return MLPVectorField(
-        state_size=2, width=64, depth=2, key=jax.random.key(0), dtype=jnp.float64
-    )
-
-
 PROBLEMS: dict[str, dict[str, Any]] = {
     "mlp": dict(
         title="MLP field (state 2, width 64, depth 2), y0 = (1, -1), t in [0, 10]",
-        field=mlp_field,
-        y0=(1.0, -1.0),
-        t1=10.0,
+        problem=lambda: get_problem("mlp"),
         methods=(
             "Trapezoid",
             "GaussLegendre(2)",
@@ -130,12 +103,9 @@ PROBLEMS: dict[str, dict[str, Any]] = {
     ),
     "vdp": dict(
         title=(
-            f"stiff Van der Pol, mu = {VDP_MU:g}, y0 = (2, 0), t in [0, 500] "
-            "(slow branch)"
+            "stiff Van der Pol, mu = 1000, y0 = (2, 0), t in [0, 500] (slow branch)"
         ),
-        field=lambda: van_der_pol,
-        y0=(2.0, 0.0),
-        t1=500.0,
+        problem=lambda: get_problem("van-der-pol-stiff").over(500.0),
         methods=("BackwardEuler", "Trapezoid", "RadauIIA(3)", "GaussLegendre(3)"),
         baseline=("Kvaerno5", diffrax.Kvaerno5()),
         note=(
@@ -148,54 +118,6 @@ PROBLEMS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_problem(name: str) -> dict[str, Any]:
-    spec = PROBLEMS[name]
-    t0 = jnp.array(0.0)
-    t1 = jnp.array(spec["t1"])
-    return dict(
-        term=diffrax.ODETerm(spec["field"]()),
-        y0=jnp.array(spec["y0"], jnp.float64),
-        t0=t0,
-        t1=t1,
-        save_ts=jnp.linspace(t0, t1, NUM_SAVES),
-    )
-
-
-@eqx.filter_jit
-def solve_deer(solver, term, y0, t0, t1, save_ts):
-    return diffrax.diffeqsolve(
-        term,
-        solver,
-        t0=t0,
-        t1=t1,
-        dt0=t1 - t0,
-        y0=y0,
-        saveat=diffrax.SaveAt(ts=save_ts, solver_state=True),
-        throw=False,
-    )
-
-
-@eqx.filter_jit
-def solve_adaptive(solver, tolerance, term, y0, t0, t1, save_ts):
-    # `tolerance` is a traced array: one compilation serves every tolerance.
-    return diffrax.diffeqsolve(
-        term,
-        solver,
-        t0=t0,
-        t1=t1,
-        dt0=None,
-        y0=y0,
-        saveat=diffrax.SaveAt(ts=save_ts),
-        stepsize_controller=diffrax.PIDController(rtol=tolerance, atol=tolerance),
-        max_steps=PID_MAX_STEPS,
-        throw=False,
-    )
-
-
-def succeeded(sol) -> bool:
-    return bool(sol.result == diffrax.RESULTS.successful)
-
-
 def errors(sol, reference: np.ndarray) -> tuple[float, float]:
     """(max error over the save times, error at t1), inf if not finite."""
     ys = np.asarray(sol.ys, dtype=np.float64)
@@ -205,23 +127,20 @@ def errors(sol, reference: np.ndarray) -> tuple[float, float]:
     return float(np.max(difference)), float(np.max(difference[-1]))
 
 
-def reference_solution(name: str, problem: dict[str, Any]) -> dict[str, Any]:
-    solver_name, solver = PROBLEMS[name]["baseline"]
-    solutions = {}
-    for tolerance in (REFERENCE_TOLERANCE, CHECK_TOLERANCE):
-        sol = solve_adaptive(solver, jnp.array(tolerance), **problem)
-        if not succeeded(sol):
-            raise RuntimeError(
-                f"{name}: reference {solver_name} at {tolerance:.0e} failed: "
-                f"{result_name(sol.result)}"
-            )
-        solutions[tolerance] = sol
+def reference_solution(name: str, problem: Problem, ts) -> dict[str, Any]:
+    """The registry's tight reference (the baseline solver at 1e-12), checked
+    against the same solver at 1e-11."""
+    solutions = {
+        tolerance: problem.reference_solve(ts, tolerance=tolerance)
+        for tolerance in (REFERENCE_TOLERANCE, CHECK_TOLERANCE)
+    }
     reference = np.asarray(solutions[REFERENCE_TOLERANCE].ys)
     check = float(np.max(np.abs(np.asarray(solutions[CHECK_TOLERANCE].ys) - reference)))
-    progress(
+    solver_name = PROBLEMS[name]["baseline"][0]
+    num_steps = int(solutions[REFERENCE_TOLERANCE].stats["num_steps"])
+    timing.progress(
         f"[{name}] reference {solver_name} rtol = atol = {REFERENCE_TOLERANCE:.0e}: "
-        f"{int(solutions[REFERENCE_TOLERANCE].stats['num_steps'])} steps; max "
-        f"difference from {CHECK_TOLERANCE:.0e}: {check:.1e}"
+        f"{num_steps} steps; max difference from {CHECK_TOLERANCE:.0e}: {check:.1e}"
     )
     return dict(
         ys=reference,
@@ -229,14 +148,14 @@ def reference_solution(name: str, problem: dict[str, Any]) -> dict[str, Any]:
         tolerance=REFERENCE_TOLERANCE,
         check_tolerance=CHECK_TOLERANCE,
         check_difference=check,
-        num_steps=int(solutions[REFERENCE_TOLERANCE].stats["num_steps"]),
+        num_steps=num_steps,
     )
 
 
 class DeerRuns:
     """DeerSolver solves of one problem, cached by (method, N)."""
 
-    def __init__(self, name: str, problem: dict[str, Any], reference: np.ndarray):
+    def __init__(self, name: str, problem: Instance, reference: np.ndarray):
         self.name = name
         self.problem = problem
         self.reference = reference
@@ -250,7 +169,8 @@ class DeerRuns:
         if key in self.cache:
             return self.cache[key]
         solver = self.solver(label, num_steps)
-        sol, first, _ = time_call(lambda: solve_deer(solver, **self.problem), repeats=0)
+        timed = timing.time_call(lambda: solve_deer(solver, self.problem), repeats=0)
+        sol, first = timed.output, timed.compile_s
         max_error, end_error = errors(sol, self.reference)
         ys = np.asarray(sol.ys, dtype=np.float64)
         by_component = np.max(np.abs(ys - self.reference), axis=0)
@@ -263,15 +183,15 @@ class DeerRuns:
             ],
             newton_iters=int(sol.solver_state.num_iters),
             update_norm=float(sol.solver_state.update_norm),
-            result=result_name(sol.result),
+            result=timing.result_name(sol.result),
             successful=succeeded(sol),
             compile_s=first,
             run_s=None,
         )
-        progress(
-            f"[{self.name}] {label} N={num_steps}: err {fmt_error(max_error)} "
-            f"(t1 {fmt_error(end_error)}), {run['newton_iters']} Newton iters, "
-            f"{run['result']}, first call {fmt_seconds(first)}"
+        timing.progress(
+            f"[{self.name}] {label} N={num_steps}: err {timing.fmt_error(max_error)} "
+            f"(t1 {timing.fmt_error(end_error)}), {run['newton_iters']} Newton iters, "
+            f"{run['result']}, first call {timing.fmt_seconds(first)}"
         )
         self.cache[key] = run
         return run
@@ -280,10 +200,10 @@ class DeerRuns:
         run = self.evaluate(label, num_steps)
         if run["run_s"] is None:
             solver = self.solver(label, num_steps)
-            _, _, median = time_call(
-                lambda: solve_deer(solver, **self.problem), repeats=repeats
+            timed = timing.time_call(
+                lambda: solve_deer(solver, self.problem), repeats=repeats
             )
-            run["run_s"] = median
+            run["run_s"] = timed.run_s
         return run
 
 
@@ -329,55 +249,36 @@ def search_method(
 
 def search_baseline(
     name: str,
-    problem: dict[str, Any],
+    problem: Instance,
     reference: np.ndarray,
     targets: list[float],
     repeats: int,
 ) -> dict[str, Any]:
     """Adaptive diffrax at the loosest tolerance reaching each target."""
     solver_name, solver = PROBLEMS[name]["baseline"]
-    scanned = []
-    chosen: dict[float, dict[str, Any]] = {}
-    for tolerance in PID_TOLERANCES:
-        tol = jnp.array(tolerance)
-        sol, first, _ = time_call(
-            lambda tol=tol: solve_adaptive(solver, tol, **problem), repeats=0
-        )
-        max_error, end_error = errors(sol, reference)
-        row = dict(
-            tolerance=tolerance,
-            max_error=max_error,
-            end_error=end_error,
-            num_steps=int(sol.stats["num_accepted_steps"]),
-            num_rejected=int(sol.stats["num_rejected_steps"]),
-            result=result_name(sol.result),
-            successful=succeeded(sol),
-            first_call_s=first,
-        )
-        scanned.append(row)
-        progress(
-            f"[{name}] {solver_name} PID tol={tolerance:.0e}: err "
-            f"{fmt_error(max_error)}, {row['num_steps']} steps "
+
+    def solve_at(tolerance):
+        return solve_adaptive(solver, jnp.array(tolerance), problem, PID_MAX_STEPS)
+
+    def report(row):
+        timing.progress(
+            f"[{name}] {solver_name} PID tol={row['tolerance']:.0e}: err "
+            f"{timing.fmt_error(row['max_error'])}, {row['num_accepted']} steps "
             f"(+{row['num_rejected']} rejected), {row['result']}"
         )
-        for target in targets:
-            if target not in chosen and row["successful"] and max_error <= target:
-                chosen[target] = row
-        if len(chosen) == len(targets):
-            break
+
+    rows, chosen = scan_tolerances(
+        solve_at, reference, targets, PID_TOLERANCES, on_row=report
+    )
+    scanned = [{k: v for k, v in row.items() if k != "solution"} for row in rows]
     out = {}
     for target in targets:
         if target not in chosen:
             out[target] = dict(reached=False, solver=solver_name)
             continue
-        row = chosen[target]
-        if "run_s" not in row:
-            tol = jnp.array(row["tolerance"])
-            _, _, row["run_s"] = time_call(
-                lambda tol=tol: solve_adaptive(solver, tol, **problem),
-                repeats=repeats,
-            )
-        out[target] = dict(reached=True, solver=solver_name, **row)
+        row = {k: v for k, v in chosen[target].items() if k != "solution"}
+        timed = timing.time_call(solve_at, row["tolerance"], repeats=repeats)
+        out[target] = dict(reached=True, solver=solver_name, run_s=timed.run_s, **row)
     return dict(chosen=out, scanned=scanned)
 
 
@@ -388,9 +289,10 @@ def run_problem(
     bisect_steps: int,
     repeats: int,
 ) -> dict[str, Any]:
-    problem = make_problem(name)
+    definition = PROBLEMS[name]["problem"]()
+    problem = definition.instance(jnp.float64, NUM_SAVES)
     jax.clear_caches()
-    reference = reference_solution(name, problem)
+    reference = reference_solution(name, definition, problem.save_ts)
     runs = DeerRuns(name, problem, reference["ys"])
     baseline = search_baseline(name, problem, reference["ys"], targets, repeats)
     methods = {}
@@ -403,12 +305,13 @@ def run_problem(
                     {k: v for k, v in run.items() if k != "N"},
                     stages=METHODS[label][1],
                 )
-                progress(
+                timing.progress(
                     f"[{name}] {label} target {target:.0e}: N={entry['N']}, run "
-                    f"{fmt_seconds(run['run_s'])}, {run['newton_iters']} Newton iters"
+                    f"{timing.fmt_seconds(run['run_s'])}, "
+                    f"{run['newton_iters']} Newton iters"
                 )
             else:
-                progress(f"[{name}] {label} target {target:.0e}: not reached")
+                timing.progress(f"[{name}] {label} target {target:.0e}: not reached")
         methods[label] = found
     ladder_runs = [dict(method=label, **run) for (label, _), run in runs.cache.items()]
     del reference["ys"]
@@ -423,22 +326,6 @@ def run_problem(
     )
 
 
-def time_round_robin(
-    fns: list[Callable[[], Any]], repeats: int
-) -> tuple[list[Any], list[list[float]]]:
-    """`repeats` timed calls of each (already compiled) callable, taken in turn,
-    so a change of machine load hits them all alike. Returns the outputs and the
-    series of times."""
-    outs = [jax.block_until_ready(fn()) for fn in fns]
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, series in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            series.append(time.perf_counter() - start)
-    return outs, times
-
-
 def iteration_cost(
     num_steps: int, iteration_counts: tuple[int, int], repeats: int
 ) -> dict[str, Any]:
@@ -446,10 +333,10 @@ def iteration_cost(
     are compiled first, then timed round-robin (so load from other processes is
     spread over all of them); per iteration from the medians and from the
     minima (contention only adds time, so the minimum is the steadier estimate)."""
-    problem = make_problem("mlp")
+    problem = get_problem("mlp").instance(jnp.float64, NUM_SAVES)
     jax.clear_caches()
     low, high = iteration_counts
-    fns, firsts = [], []
+    calls = {}
     for label in COST_METHODS:
         for k in (low, high):
             solver = DeerSolver(
@@ -460,30 +347,27 @@ def iteration_cost(
                 atol=1e-30,
                 predictor_steps=0,
             )
-            fn = functools.partial(solve_deer, solver, **problem)
-            _, first, _ = time_call(fn, repeats=0)
-            progress(
-                f"[cost N={num_steps}] {label} k={k}: first call {fmt_seconds(first)}"
-            )
-            fns.append(fn)
-            firsts.append(first)
-    progress(f"[cost N={num_steps}] timing round-robin, {repeats} rounds")
-    sols, times = time_round_robin(fns, repeats)
+            calls[label, k] = lambda solver=solver: solve_deer(solver, problem)
+    timing.progress(
+        f"[cost N={num_steps}] compiling {len(calls)} solves, then timing "
+        f"round-robin, {repeats} rounds"
+    )
+    timings = timing.time_interleaved(calls, repeats)
     rows = []
-    for index, label in enumerate(COST_METHODS):
-        pair = slice(2 * index, 2 * index + 2)
-        iters = [int(sol.solver_state.num_iters) for sol in sols[pair]]
-        results = [result_name(sol.result) for sol in sols[pair]]
-        series_low, series_high = times[pair]
-        t_low, t_high = statistics.median(series_low), statistics.median(series_high)
-        min_low, min_high = min(series_low), min(series_high)
+    for label in COST_METHODS:
+        pair = [timings[label, low], timings[label, high]]
+        iters = [int(t.output.solver_state.num_iters) for t in pair]
+        results = [timing.result_name(t.output.result) for t in pair]
+        series_low, series_high = (t.times_s for t in pair)
+        t_low, t_high = (t.run_s for t in pair)
+        min_low, min_high = (t.min_s for t in pair)
         row = dict(
             method=label,
             stages=METHODS[label][1],
             iters=iters,
             results=results,
             exact_iterations=iters == [low, high],
-            compile_s=firsts[pair],
+            compile_s=[t.compile_s for t in pair],
             t_low_s=t_low,
             t_high_s=t_high,
             t_low_min_s=min_low,
@@ -494,14 +378,17 @@ def iteration_cost(
             times_high_s=series_high,
         )
         rows.append(row)
-        progress(
+        timing.progress(
             f"[cost N={num_steps}] {label}: iters {iters} ({', '.join(results)}), "
-            f"median t{low} {fmt_seconds(t_low)}, t{high} {fmt_seconds(t_high)}; "
-            f"per iteration {fmt_seconds(row['per_iter_s'])} (median), "
-            f"{fmt_seconds(row['per_iter_min_s'])} (min)"
+            f"median t{low} {timing.fmt_seconds(t_low)}, "
+            f"t{high} {timing.fmt_seconds(t_high)}; "
+            f"per iteration {timing.fmt_seconds(row['per_iter_s'])} (median), "
+            f"{timing.fmt_seconds(row['per_iter_min_s'])} (min)"
         )
         if not row["exact_iterations"]:
-            progress(f"[cost N={num_steps}] {label}: WARNING iterations not exact")
+            timing.progress(
+                f"[cost N={num_steps}] {label}: WARNING iterations not exact"
+            )
     trapezoid = next(r for r in rows if r["method"] == "Trapezoid")
     for row in rows:
         row["over_trapezoid"] = row["per_iter_s"] / trapezoid["per_iter_s"]
@@ -588,11 +475,11 @@ def problem_markdown(result: dict[str, Any]) -> str:
                     label,
                     str(entry["N"])
                     + (" (smallest tried)" if entry["last_failing_N"] is None else ""),
-                    fmt_error(entry["max_error"]),
-                    fmt_error(entry["end_error"]),
+                    timing.fmt_error(entry["max_error"]),
+                    timing.fmt_error(entry["end_error"]),
                     str(entry["newton_iters"]),
-                    fmt_seconds(entry["run_s"]),
-                    fmt_ratio(ratio),
+                    timing.fmt_seconds(entry["run_s"]),
+                    timing.fmt_ratio(ratio),
                 ]
             )
         if base["reached"]:
@@ -600,11 +487,11 @@ def problem_markdown(result: dict[str, Any]) -> str:
                 [
                     fmt_target(target),
                     f"**{solver_name} + PID** (tol {base['tolerance']:.0e})",
-                    f"{base['num_steps']} steps (+{base['num_rejected']} rej.)",
-                    fmt_error(base["max_error"]),
-                    fmt_error(base["end_error"]),
+                    f"{base['num_accepted']} steps (+{base['num_rejected']} rej.)",
+                    timing.fmt_error(base["max_error"]),
+                    timing.fmt_error(base["end_error"]),
                     "-",
-                    fmt_seconds(base["run_s"]),
+                    timing.fmt_seconds(base["run_s"]),
                     "1x",
                 ]
             )
@@ -613,7 +500,7 @@ def problem_markdown(result: dict[str, Any]) -> str:
                 [fmt_target(target), f"**{solver_name} + PID**", "not reached"]
                 + ["-"] * 5
             )
-    lines.append(markdown_table(headers, rows) + "\n")
+    lines.append(timing.markdown_table(headers, rows) + "\n")
 
     # Every evaluated (method, N): the ladder and the bisection points.
     labels = list(result["methods"])
@@ -623,7 +510,7 @@ def problem_markdown(result: dict[str, Any]) -> str:
     def cell(run):
         if run is None:
             return ""
-        text = fmt_error(run["max_error"])
+        text = timing.fmt_error(run["max_error"])
         if not run["successful"]:
             short = {
                 "nonlinear_max_steps_reached": "max iters",
@@ -639,7 +526,7 @@ def problem_markdown(result: dict[str, Any]) -> str:
         "evaluated:\n"
     )
     lines.append(
-        markdown_table(
+        timing.markdown_table(
             ["N"] + labels,
             [[str(n)] + [cell(by_key.get((lab, n))) for lab in labels] for n in sizes],
         )
@@ -648,14 +535,14 @@ def problem_markdown(result: dict[str, Any]) -> str:
     scanned = result["baseline"]["scanned"]
     lines.append(f"{solver_name} + PIDController, by tolerance:\n")
     lines.append(
-        markdown_table(
+        timing.markdown_table(
             ["rtol = atol", "max err", "err at t1", "steps", "rejected", "result"],
             [
                 [
                     f"{row['tolerance']:.0e}",
-                    fmt_error(row["max_error"]),
-                    fmt_error(row["end_error"]),
-                    str(row["num_steps"]),
+                    timing.fmt_error(row["max_error"]),
+                    timing.fmt_error(row["end_error"]),
+                    str(row["num_accepted"]),
                     str(row["num_rejected"]),
                     row["result"],
                 ]
@@ -675,17 +562,18 @@ def cost_markdown(cost: dict[str, Any]) -> str:
             str(r["stages"]),
             f"{r['iters'][0]}, {r['iters'][1]}"
             + ("" if r["exact_iterations"] else " (NOT exact)"),
-            fmt_seconds(r["t_low_s"]),
-            fmt_seconds(r["t_high_s"]),
-            fmt_seconds(r["per_iter_s"]),
-            fmt_seconds(r["per_iter_min_s"]),
-            f"{fmt_ratio(r['over_trapezoid'])} / {fmt_ratio(r['over_trapezoid_min'])}",
-            f"{fmt_ratio(r['over_stages_trapezoid'])} / "
-            f"{fmt_ratio(r['over_stages_trapezoid_min'])}",
+            timing.fmt_seconds(r["t_low_s"]),
+            timing.fmt_seconds(r["t_high_s"]),
+            timing.fmt_seconds(r["per_iter_s"]),
+            timing.fmt_seconds(r["per_iter_min_s"]),
+            f"{timing.fmt_ratio(r['over_trapezoid'])} / "
+            f"{timing.fmt_ratio(r['over_trapezoid_min'])}",
+            f"{timing.fmt_ratio(r['over_stages_trapezoid'])} / "
+            f"{timing.fmt_ratio(r['over_stages_trapezoid_min'])}",
         ]
         for r in cost["rows"]
     ]
-    return markdown_table(
+    return timing.markdown_table(
         [
             "method",
             "stages s",
@@ -711,12 +599,12 @@ def to_markdown(
     repeats = settings["repeats"]
     parts = [
         "# Work-precision and cost per Newton iteration\n",
-        f"{machine_header(info)}\n",
+        f"{timing.machine_header(info)}\n",
         f"Load average (1 min) at start {settings['load_start']:.2f}, at end "
         f"{settings['load_end']:.2f}. Other processes (e.g. test suites) may have "
         "been running at the same time, so the timings are indicative: compare "
         "ratios within a table rather than absolute times.\n",
-        f"Command: `python benchmarks/work_precision.py {' '.join(sys.argv[1:])}`\n",
+        f"Command: `{timing.script_command('work_precision.py')}`\n",
         "## 1. Work-precision\n",
         "float64, one DeerSolver window of N uniform intervals, default Newton "
         "settings (rtol = atol = 1e-10, `max_iters=50`, default RK4 predictor), "
@@ -794,55 +682,34 @@ def to_markdown(
     return "\n".join(parts)
 
 
-def parse_list(text: str, kind):
-    return [kind(item) for item in text.split(",") if item]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.script_parser(__doc__)
     parser.add_argument(
         "--targets", default="1e-4,1e-6,1e-8", help="comma-separated max errors"
     )
     parser.add_argument(
-        "--ladder-min", type=int, default=2, help="smallest N = 2**this (default 2)"
-    )
-    parser.add_argument(
-        "--ladder-max", type=int, default=17, help="largest N = 2**this (default 17)"
-    )
-    parser.add_argument(
-        "--ladder-step",
-        type=int,
-        default=1,
-        help="exponent step of the ladder (1: doubling, 2: x4)",
-    )
-    parser.add_argument(
-        "--bisect", type=int, default=2, help="geometric bisection steps per target"
-    )
-    parser.add_argument(
         "--problems", default="mlp,vdp", help="comma-separated: mlp, vdp"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed runs after compilation"
-    )
-    parser.add_argument(
-        "--cost-n", type=int, default=10_000, help="N for the per-iteration cost"
-    )
-    parser.add_argument(
-        "--cost-repeats", type=int, default=15, help="timed rounds (cost)"
-    )
+    for flag, default, text in (
+        ("--ladder-min", 2, "smallest N = 2**this (default 2)"),
+        ("--ladder-max", 17, "largest N = 2**this (default 17)"),
+        ("--ladder-step", 1, "exponent step of the ladder (1: doubling, 2: x4)"),
+        ("--bisect", 2, "geometric bisection steps per target"),
+        ("--cost-n", 10_000, "N for the per-iteration cost"),
+        ("--cost-repeats", 15, "timed rounds (cost)"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=text)
     parser.add_argument(
         "--no-cost", action="store_true", help="skip the per-iteration cost"
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="targets 1e-4,1e-8; ladder 2^2, 2^4, ..., 2^16; no bisection",
+    timing.add_common_options(
+        parser,
+        repeats=5,
+        quick="targets 1e-4,1e-8; ladder 2^2, 2^4, ..., 2^16; no bisection",
     )
-    parser.add_argument("--markdown", metavar="PATH", help="write a Markdown report")
-    parser.add_argument("--json", metavar="PATH", help="write the raw results")
     args = parser.parse_args()
 
-    targets = parse_list(args.targets, float)
+    targets = timing.parse_list(args.targets, float)
     ladder_min, ladder_max, ladder_step = (
         args.ladder_min,
         args.ladder_max,
@@ -856,15 +723,15 @@ def main() -> None:
     if ladder_step < 1 or ladder_min < 0 or ladder_max < ladder_min:
         parser.error("bad ladder")
     ladder = [2**k for k in range(ladder_min, ladder_max + 1, ladder_step)]
-    names = parse_list(args.problems, str)
+    names = timing.parse_list(args.problems, str)
     for name in names:
         if name not in PROBLEMS:
             parser.error(f"unknown problem {name!r}; choose from {sorted(PROBLEMS)}")
     if args.repeats < 5:
-        progress("note: fewer than 5 timed repeats")
+        timing.progress("note: fewer than 5 timed repeats")
 
-    info = machine_info()
-    progress(machine_header(info))
+    info = timing.machine_info()
+    timing.progress(timing.machine_header(info))
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
 
@@ -890,22 +757,12 @@ def main() -> None:
         wall_s=time.perf_counter() - started,
         diffrax_deer=diffrax_deer_version,
     )
-    progress(f"total {settings['wall_s']:.0f} s")
+    timing.progress(f"total {settings['wall_s']:.0f} s")
     markdown = to_markdown(info, settings, problems, cost, floor)
-    print(markdown)
-    if args.markdown:
-        write_text(args.markdown, markdown)
-    if args.json:
-        write_json(
-            args.json,
-            dict(
-                machine=info,
-                settings=settings,
-                problems=problems,
-                cost=cost,
-                floor=floor,
-            ),
-        )
+    data = dict(
+        machine=info, settings=settings, problems=problems, cost=cost, floor=floor
+    )
+    timing.emit(markdown, data, args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,9 @@
-"""Shared test configuration: float64 by default, test problems, a Tsit5 reference."""
+"""Shared test configuration: float64 by default, test problems (from the registry),
+a Tsit5 reference; memory mappings kept under the kernel's limit."""
 
-import dataclasses
 import pathlib
-from collections.abc import Callable
-from typing import Any
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +19,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 from diffrax_deer import BackwardEuler, GaussLegendre, RadauIIA, Trapezoid  # noqa: E402
-from diffrax_deer._bench.problems import MLPVectorField  # noqa: E402
+from diffrax_deer._bench.problems import get_problem  # noqa: E402
+from diffrax_deer._bench.solves import Instance, solve_adaptive  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -88,67 +86,24 @@ NATIVE_METHODS = {
 
 
 # --------------------------------------------------------------------------------------
-# Test problems
+# Test problems: the registry's (diffrax_deer/_bench/problems.py)
 # --------------------------------------------------------------------------------------
 
 
-def lotka_volterra(t, y, args):
-    """Lotka-Volterra with (alpha, beta, gamma, delta) = (1.5, 1, 3, 1)."""
-    prey, predator = y[0], y[1]
-    return jnp.stack([1.5 * prey - prey * predator, -3.0 * predator + prey * predator])
-
-
-def van_der_pol(t, y, args):
-    """Van der Pol oscillator with mu = 1."""
-    x, v = y[0], y[1]
-    return jnp.stack([v, (1.0 - x**2) * v - x])
-
-
-def fitzhugh_nagumo(t, y, args):
-    """FitzHugh-Nagumo: v' = v - v^3/3 - w + 0.5, w' = 0.08 (v + 0.7 - 0.8 w)."""
-    v, w = y[0], y[1]
-    return jnp.stack([v - v**3 / 3 - w + 0.5, 0.08 * (v + 0.7 - 0.8 * w)])
-
-
-def lorenz(t, y, args):
-    """Lorenz with (sigma, rho, beta) = (10, 28, 8/3)."""
-    x, u, z = y[0], y[1], y[2]
-    return jnp.stack([10.0 * (u - x), x * (28.0 - z) - u, x * u - 8.0 / 3.0 * z])
-
-
-def mlp_vector_field(dtype=jnp.float64) -> MLPVectorField:
-    """The NeuralODE-style softplus MLP field used across the project.
-
-    Built in float64 from `key(0)` and then cast, so every dtype has the same weights
-    (building it with `dtype=float32` would draw different random weights).
-    """
-    field = MLPVectorField(state_size=2, width=64, depth=2, key=jax.random.key(0))
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, field
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    name: str
-    vector_field: Callable[..., Any]
-    y0: tuple[float, ...]
-    t0: float
-    t1: float
-
-    def y0_array(self, dtype=jnp.float64):
-        return jnp.asarray(self.y0, dtype=dtype)
-
-
 PROBLEMS = {
-    "lotka_volterra": Problem("lotka_volterra", lotka_volterra, (1.0, 1.0), 0.0, 10.0),
-    "van_der_pol": Problem("van_der_pol", van_der_pol, (2.0, 0.0), 0.0, 20.0),
-    "fitzhugh_nagumo": Problem(
-        "fitzhugh_nagumo", fitzhugh_nagumo, (-1.0, 1.0), 0.0, 50.0
-    ),
-    "lorenz": Problem("lorenz", lorenz, (1.0, 1.0, 1.0), 0.0, 5.0),
-    "mlp": Problem("mlp", mlp_vector_field(), (1.0, -1.0), 0.0, 10.0),
+    name.replace("-", "_"): get_problem(name)
+    for name in ("lotka-volterra", "van-der-pol", "fitzhugh-nagumo", "lorenz", "mlp")
 }
+lotka_volterra = PROBLEMS["lotka_volterra"].vector_field
+van_der_pol = PROBLEMS["van_der_pol"].vector_field
+fitzhugh_nagumo = PROBLEMS["fitzhugh_nagumo"].vector_field
+lorenz = PROBLEMS["lorenz"].vector_field
+
+
+def mlp_vector_field(dtype=jnp.float64):
+    """The NeuralODE-style softplus MLP field (2-64-64-2) used across the project,
+    its float64 weights cast to `dtype` (so every dtype has the same weights)."""
+    return PROBLEMS["mlp"].field(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -162,20 +117,16 @@ def tsit5_reference(f, y0, t0, t1, ts, args=None, *, tol=1e-12):
     Solved in float64 with rtol = atol = `tol` (1e-12 by default), so its error is
     negligible next to the second-order DEER discretisation error being tested.
     """
-    y0 = jnp.asarray(y0, dtype=jnp.float64)
-    ts = jnp.asarray(ts, dtype=jnp.float64)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(f),
-        diffrax.Tsit5(),
+    case = Instance(
+        term=diffrax.ODETerm(f),
+        y0=jnp.asarray(y0, dtype=jnp.float64),
         t0=jnp.asarray(t0, jnp.float64),
         t1=jnp.asarray(t1, jnp.float64),
-        dt0=None,
-        y0=y0,
+        save_ts=jnp.asarray(ts, dtype=jnp.float64),
         args=args,
-        saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
-        max_steps=1_000_000,
     )
+    sol = solve_adaptive(diffrax.Tsit5(), jnp.asarray(tol), case, 1_000_000)
+    assert sol.result == diffrax.RESULTS.successful
     return np.asarray(sol.ys)
 
 
