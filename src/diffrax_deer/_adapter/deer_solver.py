@@ -14,7 +14,7 @@ from diffrax._term import WrapTerm
 from jaxtyping import Array, Inexact, Int, PyTree, Real
 
 from .._core.discretisation import AbstractDiscretisation, JacobianMode
-from .._core.predictor import default_predictor_steps
+from .._core.predictor import COARSENING, default_predictor_steps
 from .._core.validation import as_python_scalar, check_integer, check_tolerance
 from .._core.window import solve_window
 from .._methods.theta_method import Trapezoid
@@ -138,9 +138,10 @@ class DeerSolver(AbstractSolver):
     implicit trapezoidal rule, or the residual of another `method`), where each
     Newton step is the linear recurrence
     $\delta_{i+1} = A_i \delta_i + b_i$, solved by a parallel associative scan in
-    $O(\log N)$ depth. Newton starts from a coarse RK4 solve interpolated onto the
-    grid. Derivatives use the implicit function theorem at the converged trajectory:
-    one more linear recurrence, never backpropagation through Newton.
+    $O(\log N)$ depth. Newton starts from the same window solved on grids 16, 256,
+    ... times coarser (nested iteration) down to 64 sequential steps. Derivatives
+    use the implicit function theorem at the converged trajectory: one more linear
+    recurrence, never backpropagation through Newton.
 
     Use `dt0 = t1 - t0` (or `stepsize_controller=diffrax.StepTo([t0, t1])`) for one
     window; a smaller `dt0` gives consecutive windows, each solved in parallel in
@@ -194,9 +195,14 @@ class DeerSolver(AbstractSolver):
         times each component's largest magnitude in the window, so the test does
         not depend on the state's units (see `docs/choosing.md`).
     - `max_iters`: the most Newton iterations per window.
-    - `predictor_steps`: sequential RK4 steps of the initial guess; `None` uses
-        `max(64, num_steps // 16)` (at most `num_steps`), `0` starts from `y0` at
-        every node.
+    - `predictor_steps`: sequential steps of the initial guess's base solve (RK4,
+        or the L-stable ROS2 for stiff methods); `None` uses 64 (at most
+        `num_steps`) whatever `num_steps`, `0` starts from `y0` at every node.
+    - `predictor_coarsening`: the initial guess is nested iteration: the window
+        solved by DEER on a grid this many times coarser, recursively, down to the
+        base solve, each level interpolated onto the next. `None` interpolates
+        the base solve onto the grid directly (with `predictor_steps =
+        num_steps // 16`, the RK4 predictor of earlier versions).
     - `jacobian`: `"full"` (DEER: exact Newton, quadratic convergence, memory
         $O(N n^2)$ and work $O(N n^3)$ per iteration) or `"diagonal"` (quasi-DEER:
         only the diagonal of $\partial f / \partial y$ enters the scan; memory and
@@ -227,6 +233,7 @@ class DeerSolver(AbstractSolver):
     atol: float | None = _option(default=None)
     max_iters: int = _option(default=50)
     predictor_steps: int | None = _option(default=None)
+    predictor_coarsening: int | None = _option(default=COARSENING)
     jacobian: str = _option(default="full")
     damping: bool = _option(default=False)
     matmul_precision: str | None = _option(default="highest")
@@ -259,6 +266,13 @@ class DeerSolver(AbstractSolver):
                 self.predictor_steps,
                 minimum=0,
                 meaning="None for the default, 0 for the constant guess y0",
+            )
+        if self.predictor_coarsening is not None:
+            check_integer(
+                "`predictor_coarsening`",
+                self.predictor_coarsening,
+                minimum=2,
+                meaning="None, or the ratio between the predictor's nested grids",
             )
         if self.jacobian not in _JACOBIAN_MODES:
             raise ValueError(
@@ -395,6 +409,7 @@ class DeerSolver(AbstractSolver):
             atol=atol,
             max_iters=self.max_iters,
             predictor_steps=predictor_steps,
+            predictor_coarsening=self.predictor_coarsening,
             jacobian=self.jacobian,
             damping=self.damping,
         )

@@ -2,7 +2,7 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -174,6 +174,11 @@ class AbstractDiscretisation(eqx.Module):
     that interval's own stage unknowns (if any), which is what makes each Newton step
     a linear recurrence over the nodes with $n \times n$ blocks.
     """
+
+    # Whether the predictor's sequential base solve is the L-stable ROS2 rather than
+    # RK4: true for the methods meant for stiff problems, whose coarse grids RK4
+    # would blow up on.
+    stiff_predictor: ClassVar[bool] = False
 
     @abc.abstractmethod
     def order(self) -> int:

@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Inexact, PyTree
 
 from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
 from .newton import NewtonStats, newton_solve
-from .predictor import coarse_rk4_guess, constant_guess
+from .predictor import COARSENING, constant_guess, predict_trajectory
 
 
 class _WindowConfig(eqx.Module):
@@ -18,6 +18,7 @@ class _WindowConfig(eqx.Module):
     atol: float | None = eqx.field(static=True)
     max_iters: int = eqx.field(static=True)
     predictor_steps: int = eqx.field(static=True)
+    predictor_coarsening: int | None = eqx.field(static=True)
     jacobian: JacobianMode = eqx.field(static=True)
     damping: bool = eqx.field(static=True)
 
@@ -52,7 +53,19 @@ def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowC
     def predict():
         if config.predictor_steps == 0:
             return constant_guess(ts, y0)
-        return coarse_rk4_guess(vector_field, ts, y0, args, config.predictor_steps)
+        return predict_trajectory(
+            vector_field,
+            config.discretisation,
+            ts,
+            y0,
+            args,
+            base_steps=config.predictor_steps,
+            coarsening=config.predictor_coarsening,
+            rtol=config.rtol,
+            atol=config.atol,
+            max_iters=config.max_iters,
+            jacobian=config.jacobian,
+        ).guess
 
     discretisation = config.discretisation
     if guess is None:
@@ -145,6 +158,7 @@ def solve_window(
     atol: float | None,
     max_iters: int,
     predictor_steps: int,
+    predictor_coarsening: int | None = COARSENING,
     jacobian: JacobianMode = "full",
     damping: bool = False,
 ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
@@ -161,7 +175,7 @@ def solve_window(
 
     - `vector_field`: `f(t, y, args)` on flat arrays of shape `(n,)`.
     - `discretisation`: e.g. [`diffrax_deer.Trapezoid`][].
-    - `ts`: the `N + 1` grid nodes (uniform, if the predictor is used).
+    - `ts`: the `N + 1` grid nodes, increasing.
     - `y0`: the initial value, shape `(n,)`.
     - `args`: passed to `vector_field`.
     - `guess`: optional starting trajectory, shape `(N + 1, n)`; not differentiated.
@@ -170,8 +184,11 @@ def solve_window(
         time).
     - `rtol`, `atol`, `max_iters`: Newton's stopping rule (`atol=None` scales
         with the trajectory): see [`diffrax_deer.newton_solve`][].
-    - `predictor_steps`: coarse RK4 steps of the predictor used when `guess` is
-        `None`; `0` starts from $y_0$ at every node.
+    - `predictor_steps`: sequential steps of the predictor's base solve (used when
+        `guess` is `None`: nested iteration down to this many sequential steps, see
+        `predict_trajectory`); `0` starts from $y_0$ at every node.
+    - `predictor_coarsening`: the ratio between the predictor's nested grids;
+        `None` interpolates the base solve onto `ts` directly.
     - `jacobian`: `"full"` (DEER) or `"diagonal"` (quasi-DEER): see
         [`diffrax_deer.newton_solve`][]. Derivatives are exact either way: the
         tangent recurrence uses the full Jacobians at the converged trajectory, so
@@ -202,6 +219,7 @@ def solve_window(
         atol=atol,
         max_iters=max_iters,
         predictor_steps=predictor_steps,
+        predictor_coarsening=predictor_coarsening,
         jacobian=jacobian,
         damping=damping,
     )

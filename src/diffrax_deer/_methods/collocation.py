@@ -363,6 +363,7 @@ class RadauIIA(AbstractCollocation):
     """
 
     family: ClassVar[str] = "radau-iia"
+    stiff_predictor: ClassVar[bool] = True
 
     def __check_init__(self):
         _check_stages(self, {1, 2, 3})

@@ -126,6 +126,7 @@ class BackwardEuler(AbstractThetaMethod):
     """
 
     theta: ClassVar[float] = 1.0
+    stiff_predictor: ClassVar[bool] = True
 
     def order(self) -> int:
         return 1
