@@ -343,7 +343,8 @@ def test_lorenz_long_window_does_not_converge():
         diffrax.RESULTS.nonlinear_max_steps_reached,
         diffrax.RESULTS.nonlinear_divergence,
     )
-    with pytest.raises(eqx.EquinoxRuntimeError, match="nonlinear"):
+    # DeerSolver's own message (the window, the figures, the remedies).
+    with pytest.raises(RuntimeError, match="did not converge in the window"):
         diffrax.diffeqsolve(**kwargs, throw=True)
 
 
