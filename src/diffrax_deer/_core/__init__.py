@@ -4,7 +4,9 @@ Holds the parallel affine recurrence (`scan`) and its damped, Kalman-smoother fo
 (`damped_scan`), the per-interval linear solves (`linear_solve`), the interface
 between a discretisation and Newton (`discretisation`), Newton's method over a
 whole trajectory (`newton`), the initial guess (`predictor`), Hermite interpolation
-(`hermite`) and the window solve with its implicit derivative (`window`).
+(`hermite`), the window solve with its implicit derivative (`window`), the Newton
+system of explicit one-step maps (`explicit_map`) and `deer_scan`, a parallel
+`jax.lax.scan` for recurrent cells (`deer_scan`).
 
 May import: jax, equinox, lineax, jaxtyping, numpy. Never diffrax, and nothing else
 of this package (a test imports it with diffrax blocked).

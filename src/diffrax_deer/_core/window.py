@@ -128,7 +128,7 @@ def _solve_window_jvp(primals, tangents):
 def solve_window(
     vector_field: VectorField,
     discretisation: AbstractDiscretisation,
-    ts: Inexact[Array, " nodes"],
+    ts: Inexact[Array, " nodes"] | PyTree[Array],
     y0: Inexact[Array, " n"],
     args: PyTree = None,
     guess: Inexact[Array, "nodes n"] | None = None,
@@ -154,7 +154,10 @@ def solve_window(
 
     - `vector_field`: `f(t, y, args)` on flat arrays of shape `(n,)`.
     - `discretisation`: e.g. [`diffrax_deer.Trapezoid`][].
-    - `ts`: the `N + 1` grid nodes (uniform, if the predictor is used).
+    - `ts`: the `N + 1` grid nodes (uniform, if the predictor is used). For a
+        discrete map whose steps take other inputs (the recurrence of
+        [`diffrax_deer.deer_scan`][]), a PyTree of those inputs instead, each leaf
+        with a leading axis of length `N`, and `guess` is then required.
     - `y0`: the initial value, shape `(n,)`.
     - `args`: passed to `vector_field`.
     - `guess`: optional starting trajectory, shape `(N + 1, n)`; not differentiated.
@@ -177,7 +180,13 @@ def solve_window(
     """
     # Lift closed-over arrays (e.g. a neural network's weights) into explicit inputs,
     # so that the custom derivative sees, and differentiates, them.
-    vector_field = eqx.filter_closure_convert(vector_field, ts[0], y0, args)
+    if guess is None and not eqx.is_array(ts):
+        raise ValueError(
+            "`solve_window` needs a `guess` when `ts` is not a grid of times: the "
+            "predictor integrates an ODE."
+        )
+    first_point = jtu.tree_map(lambda t: t[0], ts)
+    vector_field = eqx.filter_closure_convert(vector_field, first_point, y0, args)
     if guess is not None:
         guess = jax.lax.stop_gradient(guess)
     if use_guess is not None:
