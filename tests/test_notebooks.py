@@ -1,8 +1,9 @@
 """The notebooks run from top to bottom (in quick mode) without error.
 
-`DEER_NOTEBOOK_QUICK=1` shrinks its grids and its lists of systems and methods;
-the notebook's own asserts (convergence orders, DEER(Tsit5) equal to sequential
-Tsit5) still run. The committed copy is not modified.
+`DEER_NOTEBOOK_QUICK=1` shrinks its grids and its lists of systems and methods (and
+the GRU notebook's sequences and training steps); the notebooks' own asserts
+(convergence orders, DEER(Tsit5) equal to sequential Tsit5, deer_scan's losses
+equal to lax.scan's) still run. The committed copy is not modified.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "validate_against_tsit5.ipynb"
 TRAINING_NOTEBOOK = ROOT / "notebooks" / "fit_neural_ode.ipynb"
+GRU_NOTEBOOK = ROOT / "notebooks" / "train_gru.ipynb"
 MISSING = [
     name
     for name in ("nbformat", "nbclient", "ipykernel", "matplotlib")
@@ -71,3 +73,16 @@ def test_training_notebook_runs_in_quick_mode(monkeypatch):
     text, num_images = run_in_quick_mode(TRAINING_NOTEBOOK, monkeypatch)
     assert "quick mode: True" in text
     assert num_images >= 2  # loss curves and step times, Newton iterations, fits
+
+
+@pytest.mark.skipif(
+    bool(MISSING_TRAINING),
+    reason=f'{", ".join(MISSING_TRAINING)} not installed (pip install -e ".[dev]")',
+)
+def test_gru_notebook_runs_in_quick_mode(monkeypatch):
+    """`train_gru.ipynb`: a few GRU training steps, deer_scan and lax.scan."""
+    text, num_images = run_in_quick_mode(GRU_NOTEBOOK, monkeypatch)
+    assert "quick mode: True" in text
+    # The notebook prints the largest difference between the runs' losses.
+    assert "largest difference of a deer_scan loss from lax.scan's" in text
+    assert num_images >= 2  # the data; loss, step times and Newton iterations
