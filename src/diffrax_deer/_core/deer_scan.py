@@ -73,11 +73,10 @@ def _check_options(jacobian, damping, max_iters, rtol, atol, return_stats, throw
             '`jacobian` must be "full" (DEER) or "diagonal" (quasi-DEER, for large '
             f"carries); got {jacobian!r}."
         )
-    for name, value in (("damping", damping), ("return_stats", return_stats)):
+    flags = (("damping", damping), ("return_stats", return_stats), ("throw", throw))
+    for name, value in flags:
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False; got {value!r}.")
-    if not isinstance(throw, bool):
-        raise ValueError(f"`throw` must be True or False; got {throw!r}.")
     if not (isinstance(max_iters, int) and not isinstance(max_iters, bool)) or (
         max_iters < 1
     ):
