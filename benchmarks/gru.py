@@ -17,7 +17,8 @@ Reported: run time (median of `--repeats` calls after the first), the speed-up o
 each DEER over `lax.scan`, deer_scan's Newton iterations (the most over the batch),
 the max |difference| of each from `lax.scan`, and the cost of one Newton iteration
 of deer_scan and of seq1d, from runs with a fixed number of iterations K and 2K
-(zero tolerance): (T(2K) - T(K)) / K, which leaves out everything outside the loop.
+(zero tolerance): (T(2K) - T(K)) / K with T the fastest of the calls, which leaves
+out everything outside the loop.
 
 On a GPU every matrix product runs at full float32 precision
 (`jax_default_matmul_precision="highest"`, for all three), as on the paper's V100:
@@ -140,7 +141,8 @@ def make_contenders(static, iterations: int | None):
 
 
 def per_iteration(static, args, k: int) -> dict[str, float]:
-    """Seconds per Newton iteration: (T(2K) - T(K)) / K, timed interleaved."""
+    """Seconds per Newton iteration: (T(2K) - T(K)) / K, timed interleaved, with
+    T the fastest call (load only adds time; differences of medians are noisier)."""
     fixed = {k: make_contenders(static, k), 2 * k: make_contenders(static, 2 * k)}
     calls = {
         (name, count): (lambda fn=fn: fn(*args))
@@ -150,7 +152,7 @@ def per_iteration(static, args, k: int) -> dict[str, float]:
     timed = timing.time_interleaved(calls, ARGS.repeats)
     names = fixed[k]
     return {
-        name: (timed[(name, 2 * k)].run_s - timed[(name, k)].run_s) / k
+        name: (timed[(name, 2 * k)].min_s - timed[(name, k)].min_s) / k
         for name in names
     }
 
