@@ -227,6 +227,26 @@ def _trivial_scan(f, init, xs, num_steps):
     return init, ys, carries
 
 
+def _newton_scan(f, init, xs, guess, options):
+    """Solves for the carries by DEER (the window solve), then evaluates the outputs
+    at all steps at once. Returns the final carry, the outputs, the carries after
+    every step and the Newton statistics."""
+    init_flat, unravel = ravel_pytree(init)
+
+    def cell(x, carry_flat, args):
+        del args
+        new_carry, _ = f(unravel(carry_flat), x)
+        return ravel_pytree(new_carry)[0]
+
+    carries_flat, _, stats = solve_window(
+        cell, Recurrence(), xs, init_flat, guess=guess, predictor_steps=0, **options
+    )
+    carries = jax.vmap(unravel)(carries_flat)
+    ys = _stack_outputs(f, carries, xs)
+    final = jtu.tree_map(lambda c: c[-1], carries)
+    return final, ys, jtu.tree_map(lambda c: c[1:], carries), stats
+
+
 def deer_scan(
     f: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
     init: PyTree[Inexact[Array, "..."]],
@@ -255,20 +275,16 @@ def deer_scan(
     $A_i = \partial h_{i+1} / \partial h_i$ at every step at once and solves
     $\delta_{i+1} = A_i \delta_i - r_i$ by a parallel associative scan, in
     $O(\log N)$ depth. Then it evaluates all outputs $y_i$ at once. The result equals
-    `lax.scan`'s to round-off; on a parallel device (GPU) it takes a few Newton
-    iterations of logarithmic depth instead of $N$ sequential steps.
+    `lax.scan`'s to round-off.
 
     Derivatives (`grad`, `jvp`, `vmap` of either, with respect to `init`, `xs` and
     any array `f` closes over, such as a network's weights) come from the implicit
     function theorem at the solution: one more linear recurrence (a reverse scan
     for `grad`); the Newton loop is never differentiated.
 
-    Newton starts from `init` at every step, or from `guess`, and stops when every
-    update is within `atol + rtol * |h|` (RMS over the carry's values) at every
-    step. If it does not converge within `max_iters`, or diverges, `deer_scan`
-    raises an `equinox.EquinoxRuntimeError` (under `equinox.filter_jit`; through
-    `jax.jit` a runtime error carrying the same message) naming the remedies, unless
-    `throw=False`.
+    If Newton does not converge within `max_iters`, or diverges, `deer_scan` raises
+    an `equinox.EquinoxRuntimeError` naming the remedies (through `jax.jit`: a
+    runtime error with that message), unless `throw=False`.
 
     ```python
     cell = equinox.nn.GRUCell(input_size, hidden_size, key=key)
@@ -286,12 +302,10 @@ def deer_scan(
         carry may be any PyTree of real floating arrays (its values are flattened
         into one vector of size $n$); inputs and outputs any PyTrees.
     - `init`: the initial carry.
-    - `xs`: the inputs, a PyTree whose leaves share a leading axis of length $N$;
-        or `None` with `length`.
-    - `length`: the number of steps $N$, needed when `xs` is `None`.
-    - `reverse`: run the sequence from the end, as `lax.scan(reverse=True)`.
-    - `unroll`: accepted for compatibility with `lax.scan` and ignored (there is no
-        sequential loop to unroll).
+    - `xs`, `length`, `reverse`: as for `lax.scan`: the inputs, a PyTree whose
+        leaves share a leading axis of length $N$ (or `None` with `length` = $N$);
+        `reverse=True` runs the sequence from the end.
+    - `unroll`: accepted for compatibility with `lax.scan`, ignored (no loop).
     - `jacobian`: `"full"` (DEER: exact Newton, quadratic convergence; memory
         $O(N n^2)$ and work $O(N n^3)$ per iteration) or `"diagonal"` (quasi-DEER:
         only the diagonal of $A_i$, memory and scan work $O(N n)$, more
@@ -304,10 +318,11 @@ def deer_scan(
     - `guess`: a starting sequence of carries (a warm start): the structure of
         `init` with a leading axis of length $N$, the carry after each step in the
         order of `xs`, e.g. `stats.carries` of an earlier call. Not differentiated.
-    - `rtol`, `atol`: Newton's stopping tolerances; `None` picks by dtype: 1e-10 in
-        float64, 1e-5 in float32.
-    - `max_iters`: the most Newton iterations. (In exact arithmetic DEER is exact
-        after $N$ iterations on any cell; contractive cells take a handful.)
+    - `rtol`, `atol`: Newton stops when every update is within `atol + rtol * |h|`
+        (RMS over the carry) at every step; `None`: 1e-10 in float64, 1e-5 in
+        float32.
+    - `max_iters`: the most Newton iterations (DEER is exact after $N$ in exact
+        arithmetic; contractive cells take a handful).
     - `return_stats`: also return a [`diffrax_deer.DeerScanStats`][]: the Newton
         statistics and the sequence of carries, for warm starts.
     - `throw`: raise if Newton did not converge (default). `throw=False` requires
@@ -329,35 +344,21 @@ def deer_scan(
         xs = _flip(xs)
     if num_steps > 0:
         _check_carry(f, init, jtu.tree_map(lambda x: x[0], xs))
-    init_flat, unravel = ravel_pytree(init)
+    init_flat, _ = ravel_pytree(init)
     if num_steps == 0 or init_flat.size == 0:
         final, ys, carries = _trivial_scan(f, init, xs, num_steps)
         stats = _converged_stats(init_flat.dtype)
     else:
-
-        def cell(x, carry_flat, args):
-            del args
-            new_carry, _ = f(unravel(carry_flat), x)
-            return ravel_pytree(new_carry)[0]
-
-        default_rtol, default_atol = _DEFAULT_TOLERANCES[init_flat.dtype]
-        carries_flat, _, stats = solve_window(
-            cell,
-            Recurrence(),
-            xs,
-            init_flat,
-            guess=_flat_guess(guess, init, init_flat, num_steps, reverse),
-            rtol=default_rtol if rtol is None else rtol,
-            atol=default_atol if atol is None else atol,
+        guess = _flat_guess(guess, init, init_flat, num_steps, reverse)
+        tolerances = _DEFAULT_TOLERANCES[init_flat.dtype]
+        options = dict(
+            rtol=tolerances[0] if rtol is None else rtol,
+            atol=tolerances[1] if atol is None else atol,
             max_iters=max_iters,
-            predictor_steps=0,
             jacobian=jacobian,
             damping=damping,
         )
-        carries = jax.vmap(unravel)(carries_flat)
-        ys = _stack_outputs(f, carries, xs)
-        final = jtu.tree_map(lambda c: c[-1], carries)
-        carries = jtu.tree_map(lambda c: c[1:], carries)
+        final, ys, carries, stats = _newton_scan(f, init, xs, guess, options)
     if reverse:
         ys, carries = _flip(ys), _flip(carries)
     if throw:
