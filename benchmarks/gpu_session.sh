@@ -5,7 +5,7 @@
 #   pip download --no-deps --only-binary=:all: -d .whl \
 #     diffrax==0.7.2 equinox==0.13.8 lineax==0.1.1 optimistix==0.1.0
 # ), puts src/ on the path, and writes each stage's table and log to $OUT.
-# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling
+# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling gru gru6
 set -u
 OUT=${OUT:-benchmark-results}
 mkdir -p "$OUT"
@@ -30,6 +30,10 @@ for stage in "$@"; do
     forward6) $py benchmarks/forward.py --sizes 1e6 --dtypes float32 --repeats 3 --markdown $OUT/forward6.md 2>&1 | tee $OUT/forward6.log | tail -8 ;;
     gradients) $py benchmarks/gradients.py --markdown $OUT/gradients.md --json $OUT/gradients.json 2>&1 | tee $OUT/gradients.log | tail -15 ;;
     scaling) $py benchmarks/newton_scaling.py --max-full-size 256 --markdown $OUT/scaling.md --json $OUT/scaling.json 2>&1 | tee $OUT/scaling.log | tail -15 ;;
+    # The paper's GRU table; seq1d from the paper's package when ../shared/peers has it.
+    gru) PYTHONPATH=$PYTHONPATH:${PEERS:-$PWD/../shared/peers} $py benchmarks/gru.py --max-jacobian-gib 24 --markdown $OUT/gru.md --json $OUT/gru.json 2>&1 | tee $OUT/gru.log | tail -30 ;;
+    gru6) PYTHONPATH=$PYTHONPATH:${PEERS:-$PWD/../shared/peers} $py benchmarks/gru.py --lengths 1e6 --hidden 1,4,8 --repeats 3 --max-jacobian-gib 24 --markdown $OUT/gru6.md --json $OUT/gru6.json 2>&1 | tee $OUT/gru6.log | tail -12 ;;
+    gru-quick) $py benchmarks/gru.py --quick 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

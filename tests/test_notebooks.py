@@ -1,8 +1,9 @@
 """The notebooks run from top to bottom (in quick mode) without error.
 
-`DEER_NOTEBOOK_QUICK=1` shrinks its grids and its lists of systems and methods;
-the notebook's own asserts (convergence orders, DEER(Tsit5) equal to sequential
-Tsit5) still run. The committed copy is not modified.
+`DEER_NOTEBOOK_QUICK=1` shrinks its grids and its lists of systems and methods (and
+the GRU notebook's sequences and training steps); the notebooks' own asserts
+(convergence orders, DEER(Tsit5) equal to sequential Tsit5, deer_scan's losses
+equal to lax.scan's) still run. The committed copy is not modified.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "validate_against_tsit5.ipynb"
 TRAINING_NOTEBOOK = ROOT / "notebooks" / "fit_neural_ode.ipynb"
+GRU_NOTEBOOK = ROOT / "notebooks" / "train_gru.ipynb"
 MISSING = [
     name
     for name in ("nbformat", "nbclient", "ipykernel", "matplotlib")
@@ -62,12 +64,26 @@ def test_validation_notebook_runs_in_quick_mode(monkeypatch):
     assert num_images >= 3  # trajectories, convergence orders, Newton residuals
 
 
+# The training notebooks, each with a line its quick run must print (besides the
+# quick-mode banner) and its number of figures.
+TRAINING_NOTEBOOKS = {
+    # A few NeuralODE training steps, DEER and Tsit5: loss curves and step times,
+    # Newton iterations, fits.
+    "fit_neural_ode": (TRAINING_NOTEBOOK, "quick mode: True", 2),
+    # A few GRU training steps, deer_scan and lax.scan: the data; loss, step times
+    # and Newton iterations. The notebook asserts the losses agree and prints it.
+    "train_gru": (GRU_NOTEBOOK, "largest difference of a deer_scan loss", 2),
+}
+
+
 @pytest.mark.skipif(
     bool(MISSING_TRAINING),
     reason=f'{", ".join(MISSING_TRAINING)} not installed (pip install -e ".[dev]")',
 )
-def test_training_notebook_runs_in_quick_mode(monkeypatch):
-    """`fit_neural_ode.ipynb`: a few NeuralODE training steps, DEER and Tsit5."""
-    text, num_images = run_in_quick_mode(TRAINING_NOTEBOOK, monkeypatch)
+@pytest.mark.parametrize("name", list(TRAINING_NOTEBOOKS))
+def test_training_notebook_runs_in_quick_mode(monkeypatch, name):
+    path, expected_line, min_images = TRAINING_NOTEBOOKS[name]
+    text, num_images = run_in_quick_mode(path, monkeypatch)
     assert "quick mode: True" in text
-    assert num_images >= 2  # loss curves and step times, Newton iterations, fits
+    assert expected_line in text
+    assert num_images >= min_images

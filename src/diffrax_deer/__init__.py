@@ -2,7 +2,8 @@
 
 The package is layered (each folder's docstring says what it may import):
 
-- `_core/`: the DEER core, pure JAX (scans, Newton, predictor, window solve);
+- `_core/`: the DEER core, pure JAX (scans, Newton, predictor, window solve, and
+  `deer_scan`, the parallel `jax.lax.scan`);
 - `_methods/`: one-step discretisations (theta methods, collocation);
 - `_adapter/`: the diffrax adapter (`DeerSolver`, `DeerAdjoint`, interpolation);
 - `_cli/` and `_bench/`: the command line and the shared benchmark problems,
@@ -24,6 +25,7 @@ if typing.TYPE_CHECKING:  # what static tools (type checkers, docs) see
     from ._adapter.interpolation import DeerInterpolation as DeerInterpolation
     from ._adapter.runge_kutta import ExplicitRungeKutta as ExplicitRungeKutta
     from ._core.damped_scan import solve_damped_recurrence as solve_damped_recurrence
+    from ._core.deer_scan import DeerScanStats as DeerScanStats, deer_scan as deer_scan
     from ._core.discretisation import (
         AbstractDiscretisation as AbstractDiscretisation,
         AbstractLinearisation as AbstractLinearisation,
@@ -56,6 +58,8 @@ _EXPORTS = {
     "DeerInterpolation": "._adapter.interpolation",
     "ExplicitRungeKutta": "._adapter.runge_kutta",
     "solve_damped_recurrence": "._core.damped_scan",
+    "DeerScanStats": "._core.deer_scan",
+    "deer_scan": "._core.deer_scan",
     "AbstractDiscretisation": "._core.discretisation",
     "AbstractLinearisation": "._core.discretisation",
     "BatchedLinearSolve": "._core.linear_solve",

@@ -7,13 +7,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Inexact
 
-from .._core.discretisation import (
-    AbstractDiscretisation,
-    AbstractLinearisation,
-    rowwise_value_and_jacobian_diagonal,
-)
+from .._core.explicit_map import AbstractExplicitMap
 
 
 # Explicit solvers whose `step` is a one-step map of an ODE.
@@ -29,19 +24,7 @@ def _differentiable_stages(solver):
     return solver
 
 
-class ExplicitLinearisation(AbstractLinearisation):
-    r"""The Newton system of an explicit map $y_{i+1} = \Phi_i(y_i)$:
-    $\delta_{i+1} = A_i \delta_i + v_i$ with $A_i = \partial \Phi_i / \partial y_i$,
-    no per-interval solve."""
-
-    transitions: Inexact[Array, "steps ..."]
-
-    def offsets(self, rhs):
-        rhs_nodes, _ = rhs
-        return rhs_nodes
-
-
-class ExplicitRungeKutta(AbstractDiscretisation):
+class ExplicitRungeKutta(AbstractExplicitMap):
     r"""A diffrax explicit solver's `step` as the one-step map: $r_i = y_{i+1} -
     \Phi(t_i, t_{i+1}, y_i)$.
 
@@ -78,42 +61,19 @@ class ExplicitRungeKutta(AbstractDiscretisation):
         )
         return y1, dense_info
 
-    def _steps(self, vector_field, ts, ys, args):
-        return jax.vmap(self._step, in_axes=(None, 0, 0, 0, None))(
-            vector_field, ts[:-1], ts[1:], ys[:-1], args
-        )
+    def step_inputs(self, ts):
+        return ts[:-1], ts[1:]
 
-    def residual(self, vector_field, ts, ys, stages, args):
-        del stages
-        mapped, _ = self._steps(vector_field, ts, ys, args)
-        return ys[1:] - mapped, None
-
-    def linearise(self, vector_field, ts, ys, stages, args, jacobian="full"):
-        del stages
-        if jacobian == "diagonal":
-
-            def steps(_ys_start):
-                mapped, _ = jax.vmap(self._step, in_axes=(None, 0, 0, 0, None))(
-                    vector_field, ts[:-1], ts[1:], _ys_start, args
-                )
-                return mapped
-
-            mapped, transitions = rowwise_value_and_jacobian_diagonal(steps, ys[:-1])
-            return (ys[1:] - mapped, None), ExplicitLinearisation(transitions)
-
-        def map_and_jacobian(t0, t1, y0):
-            def with_aux(_y0):
-                y1, _ = self._step(vector_field, t0, t1, _y0, args)
-                return y1, y1
-
-            return jax.jacfwd(with_aux, has_aux=True)(y0)
-
-        transitions, mapped = jax.vmap(map_and_jacobian)(ts[:-1], ts[1:], ys[:-1])
-        return (ys[1:] - mapped, None), ExplicitLinearisation(transitions)
+    def one_step(self, vector_field, step_input, y, args):
+        t0, t1 = step_input
+        y1, _ = self._step(vector_field, t0, t1, y, args)
+        return y1
 
     def dense_info(self, vector_field, ts, ys, stages, args):
         del stages
-        _, dense_info = self._steps(vector_field, ts, ys, args)
+        _, dense_info = jax.vmap(self._step, in_axes=(None, 0, 0, 0, None))(
+            vector_field, ts[:-1], ts[1:], ys[:-1], args
+        )
         return dense_info
 
     def interpolate(self, ys, dense_info, t_start, spacing, t):

@@ -148,7 +148,7 @@ def _with_static_args(vector_field: VectorField, static_args: PyTree) -> VectorF
 def solve_window(
     vector_field: VectorField,
     discretisation: AbstractDiscretisation,
-    ts: Inexact[Array, " nodes"],
+    ts: Inexact[Array, " nodes"] | PyTree[Array],
     y0: Inexact[Array, " n"],
     args: PyTree = None,
     guess: Inexact[Array, "nodes n"] | None = None,
@@ -175,7 +175,10 @@ def solve_window(
 
     - `vector_field`: `f(t, y, args)` on flat arrays of shape `(n,)`.
     - `discretisation`: e.g. [`diffrax_deer.Trapezoid`][].
-    - `ts`: the `N + 1` grid nodes, increasing.
+    - `ts`: the `N + 1` grid nodes (uniform, if the predictor is used). For a
+        discrete map whose steps take other inputs (the recurrence of
+        [`diffrax_deer.deer_scan`][]), a PyTree of those inputs instead, each leaf
+        with a leading axis of length `N`, and `guess` is then required.
     - `y0`: the initial value, shape `(n,)`.
     - `args`: passed to `vector_field`.
     - `guess`: optional starting trajectory, shape `(N + 1, n)`; not differentiated.
@@ -205,9 +208,17 @@ def solve_window(
     # leaves of `args` (Python numbers, strings) are closed over instead of passed:
     # passed, they would be static arguments, compared by equality on every call,
     # which a Python NaN never passes.
+    if guess is None and not eqx.is_array(ts):
+        raise ValueError(
+            "`solve_window` needs a `guess` when `ts` is not a grid of times: the "
+            "predictor integrates an ODE."
+        )
+    first_point = jtu.tree_map(lambda t: t[0], ts)
     array_args, static_args = eqx.partition(args, eqx.is_array)
     field_of_arrays = _with_static_args(vector_field, static_args)
-    vector_field = eqx.filter_closure_convert(field_of_arrays, ts[0], y0, array_args)
+    vector_field = eqx.filter_closure_convert(
+        field_of_arrays, first_point, y0, array_args
+    )
     args = array_args
     if guess is not None:
         guess = jax.lax.stop_gradient(guess)
