@@ -28,6 +28,10 @@ if typing.TYPE_CHECKING:  # what static tools (type checkers, docs) see
         AbstractDiscretisation as AbstractDiscretisation,
         AbstractLinearisation as AbstractLinearisation,
     )
+    from ._core.error_estimate import (
+        ErrorEstimate as ErrorEstimate,
+        estimate_error as estimate_error,
+    )
     from ._core.linear_solve import BatchedLinearSolve as BatchedLinearSolve
     from ._core.newton import NewtonStats as NewtonStats, newton_solve as newton_solve
     from ._core.scan import solve_affine_recurrence as solve_affine_recurrence
@@ -53,6 +57,8 @@ _EXPORTS = {
     "DeerInterpolation": "._adapter.interpolation",
     "ExplicitRungeKutta": "._adapter.runge_kutta",
     "solve_damped_recurrence": "._core.damped_scan",
+    "ErrorEstimate": "._core.error_estimate",
+    "estimate_error": "._core.error_estimate",
     "AbstractDiscretisation": "._core.discretisation",
     "AbstractLinearisation": "._core.discretisation",
     "BatchedLinearSolve": "._core.linear_solve",
