@@ -356,7 +356,9 @@ class DeerSolver(AbstractImplicitSolver):
 
     @property
     def interpolation_cls(self):  # pyright: ignore
-        return functools.partial(DeerInterpolation, method=self.method)
+        return functools.partial(
+            DeerInterpolation, method=self.method, uniform=not self.adapt_mesh
+        )
 
     def __check_init__(self):
         def is_positive_int(x):
@@ -642,6 +644,9 @@ class DeerSolver(AbstractImplicitSolver):
     ) -> "_Window":
         """Solves the window on the nodes `ts`, and estimates its error."""
         rtol, atol = tolerances
+        newton = dict(
+            rtol=rtol, atol=atol, max_iters=self.max_iters, jacobian=self.jacobian
+        )
         ys, stages, stats = solve_window(
             vector_field,
             self.method,
@@ -651,25 +656,13 @@ class DeerSolver(AbstractImplicitSolver):
             guess=guess,
             use_guess=use_guess,
             guess_stages=guess_stages,
-            rtol=rtol,
-            atol=atol,
-            max_iters=self.max_iters,
             predictor_steps=predictor_steps,
-            jacobian=self.jacobian,
             damping=self.damping,
+            **newton,
         )
         if self.error_estimate and ts.shape[0] > 2:
             estimate = estimate_error(
-                vector_field,
-                self.method,
-                ts,
-                ys,
-                stages,
-                args,
-                rtol=rtol,
-                atol=atol,
-                max_iters=self.max_iters,
-                jacobian=self.jacobian,
+                vector_field, self.method, ts, ys, stages, args, **newton
             )
             error = _WindowError.of(ys, estimate, stats.converged, scale, unravel)
             estimate_iters = estimate.coarse_stats.num_iters

@@ -31,6 +31,8 @@ class DeerInterpolation(AbstractLocalInterpolation):
     - `template`: zero-size arrays with the structure, shapes and dtypes of $y$, to
         unflatten the result.
     - `method`: the window's discretisation.
+    - `uniform`: whether the nodes are known to be uniform (then a time's interval
+        is found by arithmetic rather than a search).
     """
 
     t0: Real[Array, ""]
@@ -40,6 +42,7 @@ class DeerInterpolation(AbstractLocalInterpolation):
     info: PyTree[Array]
     template: PyTree[Shaped[Array, "0 ..."]]
     method: AbstractDiscretisation = eqx.field(static=True)
+    uniform: bool = eqx.field(static=True, default=False)
 
     def evaluate(
         self, t0: Real[Array, ""], t1: Real[Array, ""] | None = None, left: bool = True
@@ -49,7 +52,7 @@ class DeerInterpolation(AbstractLocalInterpolation):
             return jtu.tree_map(
                 lambda a, b: a - b, self.evaluate(t1), self.evaluate(t0)
             )
-        y_flat = self.method.interpolate(self.ts, self.ys, self.info, t0)
+        y_flat = self.method.interpolate(self.ts, self.ys, self.info, t0, self.uniform)
         return self._unravel(y_flat)
 
     def _unravel(self, y_flat: Inexact[Array, " n"]) -> PyTree[Array]:

@@ -116,8 +116,8 @@ class ExplicitRungeKutta(AbstractDiscretisation):
         _, dense_info = self._steps(vector_field, ts, ys, args)
         return dense_info
 
-    def interpolate(self, ts, ys, dense_info, t):
-        index, _, _ = grid_interval(ts, t)
+    def interpolate(self, ts, ys, dense_info, t, uniform=False):
+        index, _, _ = grid_interval(ts, t, uniform)
         interval_info = jtu.tree_map(lambda x: x[index], dense_info)
         interpolation = self.solver.interpolation_cls(
             t0=ts[index], t1=ts[index + 1], **interval_info

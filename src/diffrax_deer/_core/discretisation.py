@@ -251,12 +251,14 @@ class AbstractDiscretisation(eqx.Module):
         ys: Inexact[Array, "nodes n"],
         dense_info: PyTree[Array],
         t: Real[Array, ""],
+        uniform: bool = False,
     ) -> Inexact[Array, " n"]:
-        """The solution at time `t`, from the nodes `ts` (any increasing grid); by
-        default cubic Hermite through the node values and derivatives."""
+        """The solution at time `t`, from the nodes `ts` (any increasing grid, or a
+        uniform one with `uniform=True`, found without a search); by default cubic
+        Hermite through the node values and derivatives."""
         from .hermite import hermite_on_grid
 
-        return hermite_on_grid(ts, ys, dense_info, t)
+        return hermite_on_grid(ts, ys, dense_info, t, uniform)
 
 
 def identity_like(jacobians: Inexact[Array, "... n n"]) -> Inexact[Array, "n n"]:

@@ -23,7 +23,7 @@ class ErrorEstimate(eqx.Module):
     - `valid`: whether the estimate can be trusted: the coarse solve converged and
         every error is finite. Where it is false, `node_errors` is infinite.
     - `coarse_ts`, `coarse_ys`, `coarse_stages`: the coarse grid and its solution
-        (for [`diffrax_deer.local_errors`][]).
+        (the re-meshing reads its local errors from them).
     - `coarse_errors`: `node_errors` at the coarse nodes, shape `(M + 1, n)`.
     """
 

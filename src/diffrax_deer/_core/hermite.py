@@ -103,11 +103,18 @@ def quintic_hermite_on_uniform_grid(
 _COMPARE_ALL_NODES = 512
 
 
-def grid_interval(ts: Real[Array, " nodes"], t: Real[Array, ""]):
+def grid_interval(ts: Real[Array, " nodes"], t: Real[Array, ""], uniform: bool = False):
     """The interval `k` of the increasing grid `ts` holding `t` (the first or the
     last one outside `[ts[0], ts[-1]]`), the fraction `s` of the way through it,
-    and its length."""
+    and its length. With `uniform=True` the grid is known to be uniform and the
+    interval is found by arithmetic, with no search (on a GPU a binary search is a
+    loop of small kernels per time)."""
     num_intervals = ts.shape[0] - 1
+    if uniform:
+        spacing = (ts[-1] - ts[0]) / num_intervals
+        position = (t - ts[0]) / jnp.where(spacing == 0, 1, spacing)
+        index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
+        return index, position - index, spacing
     if ts.shape[0] <= _COMPARE_ALL_NODES:
         index = jnp.sum(ts[1:-1] <= t, dtype=jnp.int32)
     else:
@@ -123,10 +130,12 @@ def hermite_on_grid(
     values: Inexact[Array, "nodes ..."],
     derivatives: Inexact[Array, "nodes ..."],
     t: Real[Array, ""],
+    uniform: bool = False,
 ) -> Inexact[Array, "..."]:
-    """The piecewise cubic Hermite interpolant of [`hermite_on_uniform_grid`][] on
-    any increasing grid `ts`, at time `t`."""
-    index, fraction, step = grid_interval(ts, t)
+    """The piecewise cubic Hermite interpolant of `hermite_on_uniform_grid` on
+    any increasing grid `ts` (see `grid_interval` for `uniform`), at time
+    `t`."""
+    index, fraction, step = grid_interval(ts, t, uniform)
     local = _local((values, derivatives), index)
     return hermite_on_uniform_grid(*local, fraction, step)
 
@@ -137,11 +146,12 @@ def quintic_hermite_on_grid(
     derivatives: Inexact[Array, "nodes ..."],
     second_derivatives: Inexact[Array, "nodes ..."],
     t: Real[Array, ""],
+    uniform: bool = False,
 ) -> Inexact[Array, "..."]:
     """The piecewise quintic Hermite interpolant of
-    [`quintic_hermite_on_uniform_grid`][] on any increasing grid `ts`, at time
-    `t`."""
-    index, fraction, step = grid_interval(ts, t)
+    `quintic_hermite_on_uniform_grid` on any increasing grid `ts` (see
+    `grid_interval` for `uniform`), at time `t`."""
+    index, fraction, step = grid_interval(ts, t, uniform)
     local = _local((values, derivatives, second_derivatives), index)
     return quintic_hermite_on_uniform_grid(*local, fraction, step)
 

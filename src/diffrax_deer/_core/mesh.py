@@ -67,7 +67,7 @@ def adapt_mesh(
     equidistribution). It is graded, raised so that it falls by at most a factor
     of 4 from one interval to the next (a feature may sit across a boundary, and
     steps should not jump), and a twentieth of the nodes stay uniform.
-    [`diffrax_deer.equidistribute`][] then places the nodes.
+    `equidistribute` then places the nodes.
 
     The predicted improvement compares the error of the new mesh, interval by
     interval $\eta_j (h_j^{\text{new}} / h_j)^{p+1}$ summed over the new intervals,

@@ -128,21 +128,10 @@ def _solve_window_jvp(primals, tangents):
     unknowns, eliminated per interval as in Newton). JAX transposes
     it (a reverse scan) for reverse mode; the Newton loop is never differentiated.
     """
-    vector_field, ts, y0, args, guess, use_guess, guess_stages, tolerances, config = (
-        primals
-    )
+    vector_field, ts, y0, args = primals[:4]
+    config = primals[-1]
     t_vector_field, t_ts, t_y0, t_args = tangents[:4]
-    ys, stages, stats = _solve_window(
-        vector_field,
-        ts,
-        y0,
-        args,
-        guess,
-        use_guess,
-        guess_stages,
-        tolerances,
-        config,
-    )
+    ys, stages, stats = _solve_window(*primals)
     discretisation = config.discretisation
 
     params = (vector_field, ts, args)

@@ -189,9 +189,9 @@ class AbstractCollocation(AbstractDiscretisation):
         first, second = evaluate_nodes_and_time_derivatives(vector_field, ts, ys, args)
         return dict(first=first, second=second)
 
-    def interpolate(self, ts, ys, dense_info, t):
+    def interpolate(self, ts, ys, dense_info, t, uniform=False):
         return quintic_hermite_on_grid(
-            ts, ys, dense_info["first"], dense_info["second"], t
+            ts, ys, dense_info["first"], dense_info["second"], t, uniform
         )
 
     def _stage_points(self, ts, ys, stages):
