@@ -161,11 +161,12 @@ def test_multi_term_of_odes_equals_summed_field():
     np.testing.assert_allclose(sol_multi.ys, sol_single.ys, rtol=1e-12)
 
 
-def test_adaptive_step_size_controller_is_refused():
+def test_adaptive_step_size_controller_without_estimate_is_refused():
     controller = diffrax.PIDController(rtol=1e-6, atol=1e-6)
-    # diffrax's own error: DeerSolver returns no error estimate.
+    # diffrax's own error: without its estimate DeerSolver gives no `y_error`.
+    solver = DeerSolver(N, error_estimate=False)
     with pytest.raises(RuntimeError, match="does not provide error estimates"):
-        trace_only(lambda: deer_solve(stepsize_controller=controller))
+        trace_only(lambda: deer_solve(solver, stepsize_controller=controller))
 
 
 def test_backsolve_adjoint_grad_raises_not_implemented():

@@ -30,6 +30,10 @@ if typing.TYPE_CHECKING:  # what static tools (type checkers, docs) see
         AbstractDiscretisation as AbstractDiscretisation,
         AbstractLinearisation as AbstractLinearisation,
     )
+    from ._core.error_estimate import (
+        ErrorEstimate as ErrorEstimate,
+        estimate_error as estimate_error,
+    )
     from ._core.linear_solve import BatchedLinearSolve as BatchedLinearSolve
     from ._core.newton.solve import (
         NewtonStats as NewtonStats,
@@ -60,6 +64,8 @@ _EXPORTS = {
     "solve_damped_recurrence": "._core.damped_scan",
     "DeerScanStats": "._core.deer_scan",
     "deer_scan": "._core.deer_scan",
+    "ErrorEstimate": "._core.error_estimate",
+    "estimate_error": "._core.error_estimate",
     "AbstractDiscretisation": "._core.discretisation",
     "AbstractLinearisation": "._core.discretisation",
     "BatchedLinearSolve": "._core.linear_solve",

@@ -40,6 +40,11 @@ _NEWTON_STATS = (
     "max_num_iters",
     "update_norm",
     "residual_norm",
+    "error_estimate",
+    "max_error_estimate",
+    "scaled_error",
+    "max_scaled_error",
+    "total_estimate_iters",
 )
 
 
@@ -339,9 +344,12 @@ def _check(solver, stepsize_controller) -> None:
         )
     if isinstance(stepsize_controller, AbstractAdaptiveStepSizeController):
         raise ValueError(
-            "DeerSolver takes fixed windows: it has no error estimate for an adaptive "
-            f"`{type(stepsize_controller).__name__}`. Pass `dt0` (one window: "
-            "`dt0 = t1 - t0`) or `stepsize_controller=diffrax.StepTo(ts)`."
+            "`DeerAdjoint` does not support adaptive step-size controllers (got "
+            f"`{type(stepsize_controller).__name__}`). For adaptive windows use the "
+            "default `adjoint=diffrax.RecursiveCheckpointAdjoint()`, with which "
+            "DeerSolver's windows follow the controller; with `DeerAdjoint` give "
+            "fixed windows: `dt0` (one window: `dt0 = t1 - t0`) or "
+            "`stepsize_controller=diffrax.StepTo(ts)`."
         )
     if not isinstance(stepsize_controller, (ConstantStepSize, StepTo)):
         raise NotImplementedError(
@@ -381,10 +389,11 @@ class DeerAdjoint(AbstractAdjoint):
     equal those of the default adjoint to round-off (with `StepTo`, the dense
     output's buffers hold only its windows, not `max_steps` of them). `sol.stats`
     holds diffrax's counts (`num_steps` is the number of windows) and the Newton
-    figures of the final
-    [`diffrax_deer.DeerState`][]: `num_iters`, `total_num_iters`, `max_num_iters`,
-    `update_norm`, `residual_norm`. A window that fails sets `sol.result` (and
-    raises, with `throw=True`), and the solve stops there.
+    figures and error estimates of the final [`diffrax_deer.DeerState`][]:
+    `num_iters`, `total_num_iters`, `max_num_iters`, `update_norm`,
+    `residual_norm`, `error_estimate`, `max_error_estimate`, `scaled_error`,
+    `max_scaled_error`, `total_estimate_iters`. A window that fails sets
+    `sol.result` (and raises, with `throw=True`), and the solve stops there.
 
     **Events.** `event=diffrax.Event(...)` works here, and only here (diffrax's own
     loop checks a condition only at step ends, and a DeerSolver step is a whole
@@ -418,7 +427,7 @@ class DeerAdjoint(AbstractAdjoint):
         needs an integer `max_steps`.
 
     Refused: solvers other than DeerSolver, adaptive step-size controllers
-    (DeerSolver has no error estimate) and controllers other than
+    (use the default adjoint for those) and controllers other than
     `diffrax.ConstantStepSize` and `diffrax.StepTo`.
 
     **Arguments:** None.

@@ -1,17 +1,20 @@
 """What `diffrax.diffeqsolve` was called with, as seen from inside DeerSolver.
 
 diffrax gives a solver's `init` and `step` the terms, times, state and `args`, and
-nothing about `event=`, `adjoint=` or `throw=`. DeerSolver needs two of them: an event
-under diffrax's own loop would be checked only at window ends (so it is refused), and
-`throw` decides whether a failed window raises DeerSolver's own message. They are read,
-at trace time, from the innermost `diffeqsolve` call on the Python stack: the frame of
-the function in `diffrax/_integrate.py` (diffrax is pinned to 0.7.x, and
-tests/test_events.py and tests/test_errors.py fail if this stops finding them).
+nothing about `event=`, `adjoint=`, `throw=` or `stepsize_controller=`. DeerSolver needs
+three of them: an event under diffrax's own loop would be checked only at window ends
+(so it is refused), and `throw` decides whether a failed window raises DeerSolver's own
+message, unless an adaptive controller is there to reject it and retry it shorter.
+They are read, at trace time, from the innermost `diffeqsolve` call on the Python
+stack: the frame of the function in `diffrax/_integrate.py` (diffrax is pinned to
+0.7.x, and tests/test_events.py and tests/test_errors.py fail if this stops finding
+them).
 """
 
 import sys
 from typing import Any
 
+import diffrax
 import diffrax._integrate as diffrax_integrate
 import equinox as eqx
 
@@ -27,6 +30,8 @@ class SolveContext(eqx.Module):
     - `throw`: its `throw=`.
     - `saveat`, `max_steps`: its `saveat=` and `max_steps=` (dense output reserves
         `max_steps` windows).
+    - `adaptive`: whether its `stepsize_controller=` is adaptive (it then rejects
+        a failed window rather than failing the solve).
     """
 
     event: Any
@@ -34,6 +39,7 @@ class SolveContext(eqx.Module):
     throw: bool
     saveat: Any = None
     max_steps: int | None = None
+    adaptive: bool = False
 
     @property
     def deer_adjoint(self) -> bool:
@@ -59,6 +65,10 @@ def enclosing_diffeqsolve() -> SolveContext | None:
                 throw=bool(names.get("throw", True)),
                 saveat=names.get("saveat"),
                 max_steps=names.get("max_steps"),
+                adaptive=isinstance(
+                    names.get("stepsize_controller"),
+                    diffrax.AbstractAdaptiveStepSizeController,
+                ),
             )
         frame = frame.f_back
     return None

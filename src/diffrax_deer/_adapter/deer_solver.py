@@ -9,14 +9,21 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax import RESULTS, AbstractSolver, AbstractTerm
+from diffrax import RESULTS, AbstractImplicitSolver, AbstractTerm
+
+# `use_stepsize_tol` is diffrax's (private) marker for "take this tolerance from the
+# adaptive step-size controller"; `diffeqsolve` replaces it (pinned: diffrax 0.7).
+from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import WrapTerm
 from jaxtyping import Array, Inexact, Int, PyTree, Real
 
+from .._core import mesh as _mesh
 from .._core.discretisation import AbstractDiscretisation, JacobianMode
+from .._core.error_estimate import ErrorEstimate, estimate_error, local_errors
 from .._core.predictor import COARSENING, default_predictor_steps
 from .._core.validation import as_python_scalar, check_integer, check_tolerance
 from .._core.window import solve_window
+from .._methods.collocation import RadauIIA
 from .._methods.theta_method import Trapezoid
 from .context import check_event_support, enclosing_diffeqsolve
 from .dense import warn_if_dense_buffers_are_large
@@ -37,6 +44,26 @@ _DEFAULT_RTOL = {
     jnp.dtype(jnp.float16): 1e-2,
     jnp.dtype(jnp.bfloat16): 1e-2,
 }
+# With an accuracy target (rtol, atol), Newton stops at this fraction of it, as
+# implicit Runge-Kutta codes do (kappa in Hairer and Wanner's RADAU5), but never
+# below a round-off floor that the update can always reach.
+_NEWTON_FRACTION = 1e-2
+_NEWTON_FLOOR = {
+    jnp.dtype(jnp.float64): 1e-13,
+    jnp.dtype(jnp.float32): 1e-6,
+    jnp.dtype(jnp.float16): 1e-2,
+    jnp.dtype(jnp.bfloat16): 1e-2,
+}
+# `DeerSolver()` (no grid given): the method and the intervals per window.
+_DEFAULT_METHOD = RadauIIA(stages=3)
+_DEFAULT_NUM_STEPS = 64
+# A window out of tolerance is solved again on an adapted mesh when that mesh is
+# predicted to bring its error to this fraction of the tolerance, or to cut it by
+# `_REMESH_IMPROVEMENT` (a next pass refines it further), up to `_REMESH_PASSES`
+# times; otherwise it is rejected and retried shorter, which costs less.
+_REMESH_PREDICTED = 0.7
+_REMESH_IMPROVEMENT = 0.1
+_REMESH_PASSES = 2
 
 
 class DeerState(eqx.Module):
@@ -60,6 +87,18 @@ class DeerState(eqx.Module):
     - `trajectory`: the last window's nodes, flattened, shape `(N + 1, n)` (not
         differentiated).
     - `window_t0`, `window_t1`: the last window (NaN before the first).
+    - `error_estimate`: the last window's estimated global error,
+        $\max_i \mathrm{RMS}(e_i)$ over its nodes (see
+        [`diffrax_deer.estimate_error`][]); infinite when the estimate failed, NaN
+        when none was computed (`num_steps=1`, or `error_estimate=False`).
+    - `max_error_estimate`: the largest `error_estimate` of the windows so far.
+    - `scaled_error`: the last window's error relative to the tolerances,
+        $\max_i \|e_i / (\text{atol} + \text{rtol}\,|y_i|)\|$ (at most 1: within
+        tolerance); NaN without tolerances (`DeerSolver(num_steps=N)`).
+    - `max_scaled_error`: the largest `scaled_error` of the windows so far.
+    - `total_estimate_iters`: Newton iterations of the error estimates' coarse
+        solves, summed over all windows.
+    - `total_remeshes`: windows solved again on an adapted mesh (`adapt_mesh`).
     """
 
     num_iters: Int[Array, ""]
@@ -70,6 +109,12 @@ class DeerState(eqx.Module):
     trajectory: Inexact[Array, "nodes n"]
     window_t0: Real[Array, ""]
     window_t1: Real[Array, ""]
+    error_estimate: Real[Array, ""]
+    max_error_estimate: Real[Array, ""]
+    scaled_error: Real[Array, ""]
+    max_scaled_error: Real[Array, ""]
+    total_estimate_iters: Int[Array, ""]
+    total_remeshes: Int[Array, ""]
 
 
 def direction(terms: PyTree[AbstractTerm], t):
@@ -124,24 +169,57 @@ def _matmul_precision(precision: str | None):
     return jax.default_matmul_precision(precision)
 
 
+def _from_controller(*values: Any) -> bool:
+    # By identity: the values may be arrays, which `in` would compare elementwise.
+    return any(value is use_stepsize_tol for value in values)
+
+
 def _option(**kwargs):
     return eqx.field(static=True, converter=as_python_scalar, **kwargs)
 
 
-class DeerSolver(AbstractSolver):
+class DeerSolver(AbstractImplicitSolver):
     r"""Solves an ODE over a whole window of steps at once, by DEER.
 
-    One diffrax step is one window $[t_0, t_1]$. DeerSolver discretises it on
-    `num_steps` uniform intervals, $t_i = t_0 + i (t_1 - t_0) / N$, and solves for all
-    nodes at once: Newton's method on the stacked residual
-    $r_i = y_{i+1} - y_i - \tfrac{h}{2}(f(t_i, y_i) + f(t_{i+1}, y_{i+1}))$ (the
-    implicit trapezoidal rule, or the residual of another `method`), where each
-    Newton step is the linear recurrence
+    One diffrax step is one window $[t_0, t_1]$. DeerSolver discretises it on $N$
+    intervals $t_0 < t_1 < \dots < t_N$ and solves for all nodes at once: Newton's
+    method on the stacked residual (e.g. the implicit trapezoidal rule's
+    $r_i = y_{i+1} - y_i - \tfrac{h_i}{2}(f(t_i, y_i) + f(t_{i+1}, y_{i+1}))$, or
+    that of another `method`), where each Newton step is the linear recurrence
     $\delta_{i+1} = A_i \delta_i + b_i$, solved by a parallel associative scan in
     $O(\log N)$ depth. Newton starts from the same window solved on grids 16, 256,
     ... times coarser (nested iteration) down to 64 sequential steps. Derivatives
     use the implicit function theorem at the converged trajectory: one more linear
     recurrence, never backpropagation through Newton.
+
+    **Tolerances, not a grid.** `DeerSolver()` with an adaptive controller lets it
+    choose the windows, as diffrax's solvers let it choose their steps:
+
+    ```python
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(f), DeerSolver(), t0, t1, dt0=None, y0=y0,
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6))
+    ```
+
+    Each window holds 64 intervals of [`diffrax_deer.RadauIIA`][] (order 5,
+    L-stable); its global error is estimated at every node by solving it again on
+    every other node ([`diffrax_deer.estimate_error`][], Richardson extrapolation)
+    and returned as `y_error`, scaled so that the controller rejects a window whose
+    worst node is out of tolerance; a window whose Newton solve fails returns an
+    infinite `y_error` and is retried shorter. Out of tolerance, the window is first
+    solved again on a mesh that equidistributes its local errors, where that is
+    predicted to help (`adapt_mesh`). The controller's `rtol`, `atol` and norm are
+    the solver's (diffrax's mechanism for implicit solvers); Newton stops at 1% of
+    them. `sol.stats` counts accepted and rejected windows; the estimates are in
+    the solver state ([`diffrax_deer.DeerState`][]).
+
+    **A grid of your own.** `DeerSolver(num_steps=N)` takes `N` uniform intervals
+    per window of the trapezoidal rule, Newton at 1e-10 (float64), and no
+    re-meshing; with fixed windows (`dt0`, `StepTo`) the estimate is still computed
+    and reported. `DeerSolver(rtol=..., atol=...)` on fixed windows compares it with
+    those tolerances; `max_error_ratio` fails a window far out of tolerance.
+    `DeerSolver()` on fixed windows raises diffrax's message for implicit solvers
+    without tolerances.
 
     Use `dt0 = t1 - t0` (or `stepsize_controller=diffrax.StepTo([t0, t1])`) for one
     window; a smaller `dt0` gives consecutive windows, each solved in parallel in
@@ -178,22 +256,21 @@ class DeerSolver(AbstractSolver):
     which checks them at every node; under diffrax's own loop they would be checked
     only at window ends, and are refused.
 
-    ```python
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(f), DeerSolver(num_steps=1000), t0=0.0, t1=10.0, dt0=10.0,
-        y0=y0, args=args, saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 10.0, 101)))
-    ```
-
     **Arguments:**
 
-    - `num_steps`: intervals per window, $N \ge 1$.
-    - `rtol`, `atol`: Newton's tolerances on the error it leaves in the
-        trajectory: it stops when that error, estimated from the last update and
-        how fast the updates contract, is within `atol + rtol * |y|` per component
-        (RMS over the state, at every node). `rtol=None` picks by dtype: 1e-10 in
-        float64, 1e-5 in float32. `atol=None` scales with the solution: `rtol`
-        times each component's largest magnitude in the window, so the test does
-        not depend on the state's units (see `docs/choosing.md`).
+    - `num_steps`: intervals per window, $N \ge 1$; `None` (the default): 64, and
+        the tolerance-driven defaults above.
+    - `rtol`, `atol`: the accuracy target, against which the error estimate is
+        measured; Newton stops when the error it leaves (estimated from the last
+        update and how fast the updates contract) is within 1% of
+        `atol + rtol * |y|` per component (RMS over the state, at every node).
+        `None` (with `num_steps` unset): taken from an adaptive step-size
+        controller. With `num_steps` given they are Newton's own tolerances and
+        the estimate is only reported: `rtol=None` picks by dtype (1e-10 in
+        float64, 1e-5 in float32), and `atol=None` scales with the solution
+        (`rtol` times each component's largest magnitude in the window), so the
+        test does not depend on the state's units (see `docs/choosing.md`).
+        Finite and at least 0; one of them (not both) may be 0.
     - `max_iters`: the most Newton iterations per window.
     - `predictor_steps`: sequential steps of the initial guess's base solve (RK4,
         or the L-stable ROS2 for stiff methods); `None` uses 64 (at most
@@ -218,42 +295,92 @@ class DeerSolver(AbstractSolver):
         triples compile time and reserves the Kalman smoother's memory (measured
         in `docs/benchmarks.md`). Without it, a non-finite step is halved and
         retried.
-    - `method`: the one-step scheme. The implicit trapezoidal rule
-        ([`diffrax_deer.Trapezoid`][], 2nd order, A-stable) by default;
+    - `method`: the one-step scheme: by default [`diffrax_deer.RadauIIA`][]
+        (`stages=3`), or with `num_steps` given the implicit trapezoidal rule
+        ([`diffrax_deer.Trapezoid`][], 2nd order, A-stable);
         [`diffrax_deer.BackwardEuler`][] (1st, L-stable),
         [`diffrax_deer.GaussLegendre`][] (`stages=2`, `3`: 4th, 6th order) and
         [`diffrax_deer.RadauIIA`][] (`stages=3`: 5th order, L-stable, stiff
         problems); or any diffrax explicit Runge-Kutta solver, e.g.
         `diffrax.Tsit5()`, whose step becomes the one-step map (the converged result
         equals that solver's sequential solve on the same grid).
+    - `norm`: the norm of the scaled error (per node, over the state); `None`: the
+        adaptive controller's, or the RMS norm.
+    - `error_estimate`: whether to estimate each window's error (one more Newton
+        solve, on half the intervals). Without it adaptive controllers are refused.
+    - `max_error_ratio`: with tolerances, a window whose estimated error exceeds
+        this many times the tolerance makes the solve fail with
+        `RESULTS.dt_min_reached` (on fixed windows, which cannot be shortened);
+        `None` only reports it.
+    - `adapt_mesh`: whether a window out of tolerance is solved again on a mesh
+        adapted to its local errors (at most twice); `None`: with `num_steps` unset.
+        The mesh is held fixed when differentiating.
     """
 
-    num_steps: int = _option()
-    rtol: float | None = _option(default=None)
-    atol: float | None = _option(default=None)
+    num_steps: int | None = _option(default=None)
+    rtol: Any = eqx.field(default=None, converter=as_python_scalar)
+    atol: Any = eqx.field(default=None, converter=as_python_scalar)
     max_iters: int = _option(default=50)
     predictor_steps: int | None = _option(default=None)
     predictor_coarsening: int | None = _option(default=COARSENING)
     jacobian: str = _option(default="full")
     damping: bool = _option(default=False)
     matmul_precision: str | None = _option(default="highest")
-    method: AbstractDiscretisation = eqx.field(
-        static=True, default=Trapezoid(), converter=_as_method
+    method: AbstractDiscretisation | None = eqx.field(
+        static=True, default=None, converter=_as_method
     )
+    norm: Any = None
+    error_estimate: bool = _option(default=True)
+    max_error_ratio: float | None = _option(default=None)
+    adapt_mesh: bool | None = _option(default=None)
 
     term_structure: ClassVar = AbstractTerm
 
+    def __post_init__(self):
+        # No grid given: the tolerances (and the norm) are the accuracy target, taken
+        # from an adaptive step-size controller unless given, as diffrax's implicit
+        # solvers take theirs. A grid given (`num_steps`) keeps them optional.
+        if self.method is None:
+            self.method = Trapezoid() if self.num_steps is not None else _DEFAULT_METHOD
+        if self.adapt_mesh is None:
+            self.adapt_mesh = self.num_steps is None
+        if self.num_steps is None:
+            if self.rtol is None:
+                self.rtol = use_stepsize_tol
+            if self.atol is None:
+                self.atol = use_stepsize_tol
+        if self.norm is None and _from_controller(self.rtol, self.atol):
+            self.norm = use_stepsize_tol
+
+    @property
+    def root_finder(self) -> "DeerSolver":  # pyright: ignore
+        """DeerSolver is its own root finder: diffrax reads (and with an adaptive
+        controller, fills in) its `rtol`, `atol` and `norm` here."""
+        return self
+
+    @property
+    def root_find_max_steps(self) -> int:  # pyright: ignore
+        return self.max_iters
+
+    @property
+    def intervals(self) -> int:
+        """Intervals per window: `num_steps`, or the default of `DeerSolver()`."""
+        return _DEFAULT_NUM_STEPS if self.num_steps is None else self.num_steps
+
     @property
     def interpolation_cls(self):  # pyright: ignore
-        return functools.partial(DeerInterpolation, method=self.method)
+        return functools.partial(
+            DeerInterpolation, method=self.method, uniform=not self.adapt_mesh
+        )
 
     def __check_init__(self):
-        check_integer(
-            "`DeerSolver(num_steps=...)`",
-            self.num_steps,
-            minimum=1,
-            meaning="the number of intervals per window",
-        )
+        if self.num_steps is not None:
+            check_integer(
+                "`DeerSolver(num_steps=...)`",
+                self.num_steps,
+                minimum=1,
+                meaning="None, or the number of intervals per window",
+            )
         check_integer(
             "`max_iters`",
             self.max_iters,
@@ -291,8 +418,10 @@ class DeerSolver(AbstractSolver):
                     '`jax.default_matmul_precision` accepts ("highest", "float32", '
                     f'"tensorfloat32", "default", ...); got {self.matmul_precision!r}.'
                 ) from error
-        check_tolerance("`rtol`", self.rtol)
-        check_tolerance("`atol`", self.atol)
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not use_stepsize_tol:
+                check_tolerance(f"`{name}`", value)
         if self.rtol == 0 and (self.atol is None or self.atol == 0):
             # `atol=None` scales with `rtol`, so it is 0 too.
             raise ValueError(
@@ -300,6 +429,31 @@ class DeerSolver(AbstractSolver):
                 "solution's scale): Newton could never stop. Use `rtol=0` with a "
                 "positive `atol` for a pure absolute tolerance, or `atol=0` for a "
                 "pure relative one."
+            )
+        if not isinstance(self.error_estimate, bool):
+            raise ValueError(
+                f"`error_estimate` must be True or False; got {self.error_estimate!r}."
+            )
+        if self.max_error_ratio is not None:
+            if not (
+                isinstance(self.max_error_ratio, (int, float))
+                and self.max_error_ratio >= 1
+            ):
+                raise ValueError(
+                    "`max_error_ratio` must be None or a number >= 1; got "
+                    f"{self.max_error_ratio!r}."
+                )
+            if self.rtol is None or self.atol is None:
+                raise ValueError(
+                    "`max_error_ratio` compares the error estimate with the "
+                    "tolerances: pass `rtol` and `atol` too (or leave `num_steps` "
+                    "unset, to take them from an adaptive step-size controller)."
+                )
+            if not self.error_estimate:
+                raise ValueError("`max_error_ratio` needs `error_estimate=True`.")
+        if not isinstance(self.adapt_mesh, bool):
+            raise ValueError(
+                f"`adapt_mesh` must be None, True or False; got {self.adapt_mesh!r}."
             )
         if not isinstance(self.method, AbstractDiscretisation):
             raise ValueError(
@@ -312,6 +466,12 @@ class DeerSolver(AbstractSolver):
     def order(self, terms: PyTree[AbstractTerm]) -> int:
         return self.method.order()
 
+    def error_order(self, terms: PyTree[AbstractTerm]) -> int:
+        # The estimate is the window's own global error: N intervals of order p on a
+        # window of length H make it C (H/N)^p H, so it scales like H^(p+1), and a
+        # controller must take the (p+1)-th root of its ratio to the tolerance.
+        return self.method.order() + 1
+
     def init(self, terms, t0, t1, y0, args) -> DeerState:
         check_terms(terms)
         y_flat, _ = ravel(y0)
@@ -322,14 +482,56 @@ class DeerSolver(AbstractSolver):
             )
         zero = jnp.array(0, jnp.int32)
         nan = jnp.array(jnp.nan, y_flat.dtype)
-        trajectory = jnp.zeros((self.num_steps + 1,) + y_flat.shape, y_flat.dtype)
+        trajectory = jnp.zeros((self.intervals + 1,) + y_flat.shape, y_flat.dtype)
         nan_time = jnp.full((), jnp.nan, jnp.result_type(t0))
-        return DeerState(zero, zero, zero, nan, nan, trajectory, nan_time, nan_time)
+        return DeerState(
+            num_iters=zero,
+            total_num_iters=zero,
+            max_num_iters=zero,
+            update_norm=nan,
+            residual_norm=nan,
+            trajectory=trajectory,
+            window_t0=nan_time,
+            window_t1=nan_time,
+            error_estimate=nan,
+            max_error_estimate=nan,
+            scaled_error=nan,
+            max_scaled_error=nan,
+            total_estimate_iters=zero,
+            total_remeshes=zero,
+        )
 
-    def _tolerances(self, dtype) -> tuple[float, float | None]:
-        rtol = _DEFAULT_RTOL[jnp.dtype(dtype)] if self.rtol is None else self.rtol
-        # None: scaled with the trajectory by `newton_solve`.
-        return rtol, self.atol
+    def _target(self) -> tuple[Any, Any, Any] | None:
+        """The accuracy target `(rtol, atol, norm)`, or None (a grid without one)."""
+        if self.rtol is None or self.atol is None:
+            return None
+        if _from_controller(self.rtol, self.atol, self.norm):
+            raise ValueError(
+                "`DeerSolver()` takes its tolerances from an adaptive step-size "
+                "controller: pass `stepsize_controller=diffrax.PIDController("
+                "rtol=..., atol=...)` to `diffeqsolve`. For fixed windows (`dt0`, "
+                "`StepTo`) give them yourself, `DeerSolver(rtol=..., atol=...)`, "
+                "or fix the grid with `DeerSolver(num_steps=...)`."
+            )
+        return self.rtol, self.atol, self.norm
+
+    def _newton_tolerances(self, target, dtype) -> tuple[Any, Any]:
+        if target is None:
+            # Newton's own tolerances; `atol=None` is scaled with the trajectory.
+            rtol = _DEFAULT_RTOL[jnp.dtype(dtype)] if self.rtol is None else self.rtol
+            return rtol, self.atol
+        # A fraction of the target, above round-off, but never looser than the
+        # target itself.
+        floor = _NEWTON_FLOOR[jnp.dtype(dtype)]
+        real_dtype = jnp.finfo(dtype).dtype
+
+        def newton(tolerance):
+            tolerance = jnp.asarray(tolerance, real_dtype)
+            return jnp.maximum(
+                _NEWTON_FRACTION * tolerance, jnp.minimum(floor, tolerance)
+            )
+
+        return newton(target[0]), newton(target[1])
 
     def _empty_step(self, t0, t1, y0, solver_state: DeerState):
         # Nothing to solve (`y0=None`, or only zero-size leaves): the state stays
@@ -345,22 +547,18 @@ class DeerSolver(AbstractSolver):
             trajectory=solver_state.trajectory,
             window_t0=jnp.asarray(t0, solver_state.window_t0.dtype),
             window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
+            error_estimate=zero_norm,
+            max_error_estimate=solver_state.max_error_estimate,
+            scaled_error=zero_norm,
+            max_scaled_error=solver_state.max_scaled_error,
+            total_estimate_iters=solver_state.total_estimate_iters,
+            total_remeshes=solver_state.total_remeshes,
         )
-        ys = jnp.zeros((self.num_steps + 1, 0), y0_flat.dtype)
+        ys = jnp.zeros((self.intervals + 1, 0), y0_flat.dtype)
         dense_info = dict(ys=ys, info=None, template=structure_template(y0))
         return y0, None, dense_info, new_state, RESULTS.successful
 
-    def step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
-        del made_jump
-        # What the enclosing `diffeqsolve` was given: diffrax does not pass it on.
-        context = enclosing_diffeqsolve()
-        check_event_support(context)
-        check_terms(terms)
-        y0_flat, unravel = ravel(y0)
-        _check_solver_state(solver_state, self.num_steps, y0_flat, t0)
-        if y0_flat.size == 0:
-            return self._empty_step(t0, t1, y0, solver_state)
-        dtype = y0_flat.dtype
+    def _vector_field(self, terms, unravel, dtype):
         # The control over [0, 1] is the time direction (+-1) times a constant (one
         # for ODETerm; `check_terms` accepts only such controls), so `vf_prod` with
         # it is dy/dt in diffrax's normalised, increasing time.
@@ -383,36 +581,54 @@ class DeerSolver(AbstractSolver):
             dy_flat, _ = ravel(dy)
             return dy_flat.astype(dtype)
 
-        fractions = jnp.arange(self.num_steps + 1, dtype=dtype) / self.num_steps
+        return vector_field
+
+    def step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
+        del made_jump
+        # What the enclosing `diffeqsolve` was given: diffrax does not pass it on.
+        context = enclosing_diffeqsolve()
+        check_event_support(context)
+        check_terms(terms)
+        y0_flat, unravel = ravel(y0)
+        _check_solver_state(solver_state, self.intervals, y0_flat, t0)
+        if y0_flat.size == 0:
+            return self._empty_step(t0, t1, y0, solver_state)
+        dtype = y0_flat.dtype
+        vector_field = self._vector_field(terms, unravel, dtype)
+        num_steps = self.intervals
+        fractions = jnp.arange(num_steps + 1, dtype=dtype) / num_steps
         ts = jnp.asarray(t0, dtype) + jnp.asarray(t1 - t0, dtype) * fractions
         ts = ts.at[-1].set(jnp.asarray(t1, dtype))
-        rtol, atol = self._tolerances(dtype)
+        target = self._target()
+        rtol, atol = self._newton_tolerances(target, dtype)
         if self.predictor_steps is None:
-            predictor_steps = default_predictor_steps(self.num_steps)
+            predictor_steps = default_predictor_steps(num_steps)
         else:
             predictor_steps = self.predictor_steps
+        solve = functools.partial(
+            self._solve,
+            vector_field=vector_field,
+            y0=y0_flat,
+            args=args,
+            tolerances=(rtol, atol),
+            scale=_Scale.of(target, dtype),
+            unravel=unravel,
+            predictor_steps=predictor_steps,
+        )
         # Warm start: a trajectory stored for this very window (a repeated solve).
         warm = (
             (solver_state.window_t0 == t0)
             & (solver_state.window_t1 == t1)
             & jnp.all(jnp.isfinite(solver_state.trajectory))
         )
-        ys, stages, stats = solve_window(
-            vector_field,
-            self.method,
-            ts,
-            y0_flat,
-            args,
-            guess=solver_state.trajectory.astype(dtype),
-            use_guess=warm,
-            rtol=rtol,
-            atol=atol,
-            max_iters=self.max_iters,
-            predictor_steps=predictor_steps,
-            predictor_coarsening=self.predictor_coarsening,
-            jacobian=self.jacobian,
-            damping=self.damping,
-        )
+        guess = solver_state.trajectory.astype(dtype)
+        if self.adapt_mesh and self.error_estimate and num_steps >= 2:
+            window = self._solve_adapting(
+                solve, ts, guess, warm, vector_field, args, unravel
+            )
+        else:
+            window = solve(ts, guess=guess, use_guess=warm)
+        stats, error = window.stats, window.error
         result = RESULTS.where(
             stats.converged,
             RESULTS.successful,
@@ -422,8 +638,20 @@ class DeerSolver(AbstractSolver):
                 RESULTS.nonlinear_max_steps_reached,
             ),
         )
-        # (DeerAdjoint raises itself, for the windows it keeps.)
-        if context is not None and context.throw and not context.deer_adjoint:
+        if self.max_error_ratio is not None:
+            # A grid too coarse for the tolerance: the window may not be shortened
+            # (a fixed grid), so the solve fails, as diffrax's does when the step it
+            # needs is below `dtmin`.
+            too_coarse = stats.converged & ~(error.scaled_error <= self.max_error_ratio)
+            result = RESULTS.where(too_coarse, RESULTS.dt_min_reached, result)
+        # (DeerAdjoint raises itself, for the windows it keeps; an adaptive
+        # controller rejects a failed window and retries it shorter.)
+        if (
+            context is not None
+            and context.throw
+            and not context.deer_adjoint
+            and not context.adaptive
+        ):
             raise_if_failed(
                 ~stats.converged,
                 stats.diverged,
@@ -435,18 +663,33 @@ class DeerSolver(AbstractSolver):
                 max_iters=self.max_iters,
             )
         new_state = DeerState(
-            num_iters=stats.num_iters,
-            total_num_iters=solver_state.total_num_iters + stats.num_iters,
-            max_num_iters=jnp.maximum(solver_state.max_num_iters, stats.num_iters),
+            num_iters=window.num_iters,
+            total_num_iters=solver_state.total_num_iters + window.num_iters,
+            max_num_iters=jnp.maximum(solver_state.max_num_iters, window.num_iters),
             update_norm=stats.update_norm.astype(dtype),
             residual_norm=stats.residual_norm.astype(dtype),
-            trajectory=jax.lax.stop_gradient(ys),
+            trajectory=jax.lax.stop_gradient(window.ys),
             window_t0=jnp.asarray(t0, solver_state.window_t0.dtype),
             window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
+            error_estimate=error.error_estimate,
+            max_error_estimate=jnp.fmax(
+                solver_state.max_error_estimate, error.error_estimate
+            ),
+            scaled_error=error.scaled_error,
+            max_scaled_error=jnp.fmax(
+                solver_state.max_scaled_error, error.scaled_error
+            ),
+            total_estimate_iters=solver_state.total_estimate_iters
+            + window.estimate_iters,
+            total_remeshes=solver_state.total_remeshes
+            + window.remeshed.astype(jnp.int32),
         )
         dense_info = dict(
-            ys=ys,
-            info=self.method.dense_info(vector_field, ts, ys, stages, args),
+            ts=window.ts,
+            ys=window.ys,
+            info=self.method.dense_info(
+                vector_field, window.ts, window.ys, window.stages, args
+            ),
             template=structure_template(y0),
         )
         dense = context is not None and getattr(context.saveat, "dense", False)
@@ -454,8 +697,273 @@ class DeerSolver(AbstractSolver):
             # diffrax's own loop reserves `max_steps` windows of this; DeerAdjoint
             # reserves only the windows that occur, or warns itself.
             warn_if_dense_buffers_are_large(dense_info, context.max_steps)
-        y1 = unravel(ys[-1])
-        return y1, None, dense_info, new_state, result
+        y1 = unravel(window.ys[-1])
+        return y1, error.y_error, dense_info, new_state, result
+
+    def _solve(
+        self,
+        ts,
+        *,
+        vector_field,
+        y0,
+        args,
+        tolerances,
+        scale,
+        unravel,
+        predictor_steps,
+        guess,
+        use_guess=None,
+        guess_stages=None,
+    ) -> "_Window":
+        """Solves the window on the nodes `ts`, and estimates its error."""
+        rtol, atol = tolerances
+        newton = dict(
+            rtol=rtol, atol=atol, max_iters=self.max_iters, jacobian=self.jacobian
+        )
+        ys, stages, stats = solve_window(
+            vector_field,
+            self.method,
+            ts,
+            y0,
+            args,
+            guess=guess,
+            use_guess=use_guess,
+            guess_stages=guess_stages,
+            predictor_steps=predictor_steps,
+            predictor_coarsening=self.predictor_coarsening,
+            damping=self.damping,
+            **newton,
+        )
+        if self.error_estimate and ts.shape[0] > 2:
+            estimate = estimate_error(
+                vector_field, self.method, ts, ys, stages, args, **newton
+            )
+            error = _WindowError.of(ys, estimate, stats.converged, scale, unravel)
+            estimate_iters = estimate.coarse_stats.num_iters
+        else:
+            estimate = None
+            error = _WindowError.none(ys.dtype)
+            estimate_iters = jnp.array(0, jnp.int32)
+        return _Window(
+            ts=ts,
+            ys=ys,
+            stages=stages,
+            stats=stats,
+            estimate=estimate,
+            error=error,
+            num_iters=stats.num_iters,
+            estimate_iters=estimate_iters,
+            remeshed=jnp.array(False),
+        )
+
+    def _solve_adapting(
+        self, solve, uniform_ts, warm_guess, warm, vector_field, args, unravel
+    ) -> "_Window":
+        """Solves the window on the uniform mesh, then, where its error is out of
+        tolerance, again on a mesh that equidistributes its local errors, from the
+        interpolated solution (Newton starts next to the answer), up to
+        `_REMESH_PASSES` times while that is predicted to help. All passes are one
+        `lax.scan` over one compiled solve; shapes are static; the mesh is not
+        differentiated."""
+        method, num_steps = self.method, uniform_ts.shape[0] - 1
+        scale = _Scale.of(self._target(), warm_guess.dtype)
+
+        def plan(current):
+            estimate = jax.lax.stop_gradient(current.estimate)
+            local = local_errors(vector_field, method, estimate, args, self.jacobian)
+            scaled = scale.norms(local, estimate.coarse_ys[1:], unravel)
+            mesh = _mesh.adapt_mesh(
+                estimate.coarse_ts, scaled, method.order(), num_steps
+            )
+            # Worth a solve if the new mesh is predicted to bring the error within
+            # tolerance, or far down (a next pass then refines it further).
+            predicted = current.error.controller_error * mesh.improvement
+            worth = (predicted <= _REMESH_PREDICTED) | (
+                mesh.improvement <= _REMESH_IMPROVEMENT
+            )
+            return mesh.ts, worth
+
+        def first_guess(current):
+            stages = method.init_stages(vector_field, uniform_ts, warm_guess, args)
+            return warm_guess, stages
+
+        def transferred_guess(current, mesh_ts):
+            info = method.dense_info(
+                vector_field, current.ts, current.ys, current.stages, args
+            )
+            guess = jax.vmap(
+                lambda t: method.interpolate(current.ts, current.ys, info, t)
+            )(mesh_ts)
+            stages = method.transfer_stages(
+                vector_field, current.ts, current.stages, mesh_ts, guess, args
+            )
+            return guess, stages
+
+        def run(current, mesh_ts, first):
+            guess, guess_stages = jax.lax.cond(
+                first,
+                lambda c: first_guess(c),
+                lambda c: transferred_guess(c, mesh_ts),
+                current,
+            )
+            use_guess = jnp.where(first, warm, True)
+            new = solve(
+                mesh_ts, guess=guess, use_guess=use_guess, guess_stages=guess_stages
+            )
+            # Keep the better of the two (a misjudged mesh must not make it worse).
+            better = first | (
+                new.error.controller_error < current.error.controller_error
+            )
+            kept = jtu.tree_map(
+                lambda a, b: jnp.where(better, a, b),
+                eqx.filter(new, eqx.is_array),
+                eqx.filter(current, eqx.is_array),
+            )
+            kept = eqx.combine(kept, eqx.filter(new, eqx.is_array, inverse=True))
+            previous = jnp.where(first, 0, 1)
+            return eqx.tree_at(
+                lambda w: (w.num_iters, w.estimate_iters, w.remeshed),
+                kept,
+                (
+                    previous * current.num_iters + new.num_iters,
+                    previous * current.estimate_iters + new.estimate_iters,
+                    ~first & (current.remeshed | better),
+                ),
+            )
+
+        def one_pass(carry, index):
+            current, go_on = carry
+            first = index == 0
+            needed = first | (
+                go_on
+                & current.stats.converged
+                & current.estimate.valid
+                & (current.error.controller_error > 1)
+            )
+
+            def attempt(current):
+                mesh_ts, worth = jax.lax.cond(
+                    first, lambda c: (uniform_ts, jnp.array(True)), plan, current
+                )
+                new = jax.lax.cond(worth, run, lambda c, *_: c, current, mesh_ts, first)
+                return new, worth
+
+            new, worth = jax.lax.cond(
+                needed, attempt, lambda c: (c, jnp.array(False)), current
+            )
+            return (new, needed & worth), None
+
+        shapes = eqx.filter_eval_shape(
+            lambda: solve(uniform_ts, guess=warm_guess, use_guess=warm)
+        )
+        placeholder = jtu.tree_map(
+            lambda x: (
+                jnp.zeros(x.shape, x.dtype)
+                if isinstance(x, jax.ShapeDtypeStruct)
+                else x
+            ),
+            shapes,
+        )
+        (window, _), _ = jax.lax.scan(
+            one_pass,
+            (placeholder, jnp.array(True)),
+            jnp.arange(_REMESH_PASSES + 1),
+        )
+        return window
 
     def func(self, terms, t0, y0, args) -> Any:
         return terms.vf(t0, y0, args)
+
+
+def _flat_rms_norm(x: PyTree[Array]) -> Real[Array, ""]:
+    flat, _ = ravel(x)
+    return jnp.sqrt(jnp.mean(jnp.abs(flat) ** 2))
+
+
+class _Scale(eqx.Module):
+    """The tolerance scale $\text{atol} + \text{rtol}|y|$ and the norm errors are
+    measured in; without a target, $1 + |y|$ and the RMS norm."""
+
+    rtol: Real[Array, ""]
+    atol: Real[Array, ""]
+    norm: Any
+    has_target: bool = eqx.field(static=True)
+
+    @classmethod
+    def of(cls, target, dtype) -> "_Scale":
+        real_dtype = jnp.finfo(dtype).dtype
+        if target is None:
+            one = jnp.ones((), real_dtype)
+            return cls(one, one, _flat_rms_norm, False)
+        rtol, atol, norm = target
+        return cls(
+            jnp.asarray(rtol, real_dtype),
+            jnp.asarray(atol, real_dtype),
+            _flat_rms_norm if norm is None else norm,
+            True,
+        )
+
+    def at(self, ys):
+        return self.atol + self.rtol * jnp.abs(ys)
+
+    def norms(self, errors, ys, unravel):
+        """The norm of every row of `errors / scale(ys)`."""
+        return jax.vmap(lambda e: self.norm(unravel(e)))(errors / self.at(ys))
+
+
+class _WindowError(eqx.Module):
+    """A window's error estimate in the forms the solver reports it."""
+
+    y_error: PyTree[Array] | None
+    error_estimate: Real[Array, ""]
+    scaled_error: Real[Array, ""]
+    controller_error: Real[Array, ""]
+
+    @classmethod
+    def none(cls, dtype) -> "_WindowError":
+        nan = jnp.array(jnp.nan, dtype)
+        return cls(None, nan, nan, nan)
+
+    @classmethod
+    def of(
+        cls, ys, estimate: ErrorEstimate, converged, scale: "_Scale", unravel
+    ) -> "_WindowError":
+        r"""The window's error as diffrax's controllers judge a step's.
+
+        A controller divides `y_error` by $\text{atol} + \text{rtol}
+        \max(|y_0|, |y_1|)$ and takes its norm. A window's error lives at every
+        node, so each node's error is scaled by its own tolerance,
+        $\epsilon = \max_i \|e_i / (\text{atol} + \text{rtol}|y_i|)\|$, and
+        `y_error` is $\epsilon$ times the end's scale: the controller then sees
+        $\epsilon$ (for the RMS and max norms), and rejects a window whose worst
+        node is out of tolerance. Without a target (a grid given, no tolerances)
+        the scale is $1 + |y_i|$, which is right for any `rtol = atol`.
+        Infinite when Newton or the estimate failed.
+        """
+        ys = jax.lax.stop_gradient(ys)
+        node_errors = estimate.node_errors
+        per_node = scale.norms(node_errors[1:], ys[1:], unravel)
+        scaled = jnp.where(converged, jnp.max(per_node), jnp.inf)
+        end_scale = scale.at(jnp.maximum(jnp.abs(ys[0]), jnp.abs(ys[-1])))
+        y_error = unravel(scaled.astype(ys.dtype) * end_scale)
+        rms = jnp.sqrt(jnp.mean(node_errors**2, axis=-1))
+        return cls(
+            y_error=y_error,
+            error_estimate=jnp.where(converged, jnp.max(rms), jnp.inf),
+            scaled_error=scaled if scale.has_target else jnp.full_like(scaled, jnp.nan),
+            controller_error=scaled,
+        )
+
+
+class _Window(eqx.Module):
+    """One solve of a window: its nodes, Newton's figures and the error estimate."""
+
+    ts: Real[Array, " nodes"]
+    ys: Inexact[Array, "nodes n"]
+    stages: PyTree[Array] | None
+    stats: Any
+    estimate: ErrorEstimate | None
+    error: _WindowError
+    num_iters: Int[Array, ""]
+    estimate_iters: Int[Array, ""]
+    remeshed: Any

@@ -16,7 +16,8 @@ from .._core.discretisation import AbstractDiscretisation
 class DeerInterpolation(AbstractLocalInterpolation):
     r"""Interpolation through the nodes of one window, by the window's method.
 
-    The window $[t_0, t_1]$ holds $N$ uniform intervals. The trapezoid and backward
+    The window $[t_0, t_1]$ holds $N$ intervals between the nodes `ts` (uniform, or
+    an adapted mesh). The trapezoid and backward
     Euler use on each interval the cubic Hermite polynomial matching $y$ and
     $y' = f(t, y)$ at both ends ($C^1$, third-order accurate); the collocation
     methods the quintic that also matches $y''$ ($C^2$, fifth-order accurate); an
@@ -25,20 +26,25 @@ class DeerInterpolation(AbstractLocalInterpolation):
     **Arguments:**
 
     - `t0`, `t1`: the window.
+    - `ts`: the nodes, shape `(N + 1,)`.
     - `ys`: the node values, flattened, shape `(N + 1, n)`.
     - `info`: what the method's `interpolate` needs (e.g. the vector field at the
         nodes).
     - `template`: zero-size arrays with the structure, shapes and dtypes of $y$, to
         unflatten the result.
     - `method`: the window's discretisation.
+    - `uniform`: whether the nodes are known to be uniform (then a time's interval
+        is found by arithmetic rather than a search).
     """
 
     t0: Real[Array, ""]
     t1: Real[Array, ""]
+    ts: Real[Array, " nodes"]
     ys: Inexact[Array, "nodes n"]
     info: PyTree[Array]
     template: PyTree[Shaped[Array, "0 ..."]]
     method: AbstractDiscretisation = eqx.field(static=True)
+    uniform: bool = eqx.field(static=True, default=False)
 
     def evaluate(
         self, t0: Real[Array, ""], t1: Real[Array, ""] | None = None, left: bool = True
@@ -50,9 +56,7 @@ class DeerInterpolation(AbstractLocalInterpolation):
             )
         if self.ys.shape[-1] == 0:  # an empty state stays empty
             return self._unravel(jnp.zeros((0,), self.ys.dtype))
-        num_intervals = self.ys.shape[0] - 1
-        spacing = (self.t1 - self.t0) / num_intervals
-        y_flat = self.method.interpolate(self.ys, self.info, self.t0, spacing, t0)
+        y_flat = self.method.interpolate(self.ts, self.ys, self.info, t0, self.uniform)
         return self._unravel(y_flat)
 
     def _unravel(self, y_flat: Inexact[Array, " n"]) -> PyTree[Array]:
@@ -63,12 +67,10 @@ class DeerInterpolation(AbstractLocalInterpolation):
         return unravel(y_flat)
 
     def nodes(self) -> tuple[Real[Array, " nodes"], PyTree[Array]]:
-        """The window's node times $t_0 + i (t_1 - t_0) / N$ (the last exactly $t_1$)
-        and the solution there, each leaf with a leading axis of length $N + 1$."""
-        num_intervals = self.ys.shape[0] - 1
-        fractions = jnp.arange(num_intervals + 1, dtype=self.t0.dtype) / num_intervals
-        ts = (self.t0 + (self.t1 - self.t0) * fractions).at[-1].set(self.t1)
-        return ts, jax.vmap(self._unravel)(self.ys)
+        """The window's nodes (uniform, or an adapted mesh; the first and last
+        exactly $t_0$ and $t_1$) and the solution there, each leaf with a leading
+        axis of length $N + 1$."""
+        return self.ts, jax.vmap(self._unravel)(self.ys)
 
 
 def structure_template(y: PyTree[Array]) -> PyTree[Shaped[Array, "0 ..."]]:

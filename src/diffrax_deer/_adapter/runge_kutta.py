@@ -5,10 +5,10 @@ import dataclasses
 import diffrax
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._core.explicit_map import AbstractExplicitMap
+from .._core.hermite import grid_interval
 
 
 # Explicit solvers whose `step` is a one-step map of an ODE.
@@ -76,15 +76,10 @@ class ExplicitRungeKutta(AbstractExplicitMap):
         )
         return dense_info
 
-    def interpolate(self, ys, dense_info, t_start, spacing, t):
-        num_intervals = ys.shape[0] - 1
-        safe_spacing = jnp.where(spacing == 0, 1, spacing)
-        index = jnp.clip(
-            jnp.floor((t - t_start) / safe_spacing), 0, num_intervals - 1
-        ).astype(jnp.int32)
-        interval_start = t_start + index.astype(spacing.dtype) * spacing
+    def interpolate(self, ts, ys, dense_info, t, uniform=False):
+        index, _, _ = grid_interval(ts, t, uniform)
         interval_info = jtu.tree_map(lambda x: x[index], dense_info)
         interpolation = self.solver.interpolation_cls(
-            t0=interval_start, t1=interval_start + spacing, **interval_info
+            t0=ts[index], t1=ts[index + 1], **interval_info
         )
         return interpolation.evaluate(t)

@@ -195,6 +195,22 @@ class AbstractDiscretisation(eqx.Module):
         del vector_field, ts, ys, args
         return None
 
+    def transfer_stages(
+        self,
+        vector_field: VectorField,
+        ts: Real[Array, " nodes"],
+        stages: PyTree[Array] | None,
+        new_ts: Real[Array, " new_nodes"],
+        new_ys: Inexact[Array, "new_nodes n"],
+        args: PyTree[Any],
+    ) -> PyTree[Array] | None:
+        """Initial stage unknowns on another grid `new_ts` (within `[ts[0],
+        ts[-1]]`, node values `new_ys`) from a solve on `ts` with stage unknowns
+        `stages`: to start Newton there next to the answer (a coarser grid for the
+        error estimate, an adapted mesh). By default those of the new nodes."""
+        del ts, stages
+        return self.init_stages(vector_field, new_ts, new_ys, args)
+
     @abc.abstractmethod
     def residual(
         self,
@@ -236,19 +252,18 @@ class AbstractDiscretisation(eqx.Module):
 
     def interpolate(
         self,
+        ts: Real[Array, " nodes"],
         ys: Inexact[Array, "nodes n"],
         dense_info: PyTree[Array],
-        t_start: Real[Array, ""],
-        spacing: Real[Array, ""],
         t: Real[Array, ""],
+        uniform: bool = False,
     ) -> Inexact[Array, " n"]:
-        """The solution at time `t` of a uniform grid starting at `t_start`; by
-        default cubic Hermite through the node values and derivatives."""
-        from .hermite import hermite_on_uniform_grid
+        """The solution at time `t`, from the nodes `ts` (any increasing grid, or a
+        uniform one with `uniform=True`, found without a search); by default cubic
+        Hermite through the node values and derivatives."""
+        from .hermite import hermite_on_grid
 
-        safe_spacing = jnp.where(spacing == 0, 1, spacing)
-        position = (t - t_start) / safe_spacing
-        return hermite_on_uniform_grid(ys, dense_info, position, spacing)
+        return hermite_on_grid(ts, ys, dense_info, t, uniform)
 
 
 def identity_like(jacobians: Inexact[Array, "... n n"]) -> Inexact[Array, "n n"]:

@@ -1,5 +1,6 @@
-"""Cubic and quintic Hermite interpolation on a uniform grid."""
+"""Cubic and quintic Hermite interpolation, on a uniform or any increasing grid."""
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact, Real
 
@@ -95,3 +96,67 @@ def quintic_hermite_on_uniform_grid(
         + h4 * spacing * derivatives[index + 1]
         + h5 * values[index + 1]
     )
+
+
+# Up to this many nodes the interval holding t is found by comparing t with every
+# node (one fused reduction); beyond, by binary search.
+_COMPARE_ALL_NODES = 512
+
+
+def grid_interval(ts: Real[Array, " nodes"], t: Real[Array, ""], uniform: bool = False):
+    """The interval `k` of the increasing grid `ts` holding `t` (the first or the
+    last one outside `[ts[0], ts[-1]]`), the fraction `s` of the way through it,
+    and its length. With `uniform=True` the grid is known to be uniform and the
+    interval is found by arithmetic, with no search (on a GPU a binary search is a
+    loop of small kernels per time)."""
+    num_intervals = ts.shape[0] - 1
+    if uniform:
+        spacing = (ts[-1] - ts[0]) / num_intervals
+        position = (t - ts[0]) / jnp.where(spacing == 0, 1, spacing)
+        index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
+        return index, position - index, spacing
+    if ts.shape[0] <= _COMPARE_ALL_NODES:
+        index = jnp.sum(ts[1:-1] <= t, dtype=jnp.int32)
+    else:
+        index = jnp.searchsorted(ts[1:-1], t, side="right").astype(jnp.int32)
+    index = jnp.clip(index, 0, num_intervals - 1)
+    step = ts[index + 1] - ts[index]
+    fraction = (t - ts[index]) / jnp.where(step == 0, 1, step)
+    return index, fraction, step
+
+
+def hermite_on_grid(
+    ts: Real[Array, " nodes"],
+    values: Inexact[Array, "nodes ..."],
+    derivatives: Inexact[Array, "nodes ..."],
+    t: Real[Array, ""],
+    uniform: bool = False,
+) -> Inexact[Array, "..."]:
+    """The piecewise cubic Hermite interpolant of `hermite_on_uniform_grid` on
+    any increasing grid `ts` (see `grid_interval` for `uniform`), at time
+    `t`."""
+    index, fraction, step = grid_interval(ts, t, uniform)
+    local = _local((values, derivatives), index)
+    return hermite_on_uniform_grid(*local, fraction, step)
+
+
+def quintic_hermite_on_grid(
+    ts: Real[Array, " nodes"],
+    values: Inexact[Array, "nodes ..."],
+    derivatives: Inexact[Array, "nodes ..."],
+    second_derivatives: Inexact[Array, "nodes ..."],
+    t: Real[Array, ""],
+    uniform: bool = False,
+) -> Inexact[Array, "..."]:
+    """The piecewise quintic Hermite interpolant of
+    `quintic_hermite_on_uniform_grid` on any increasing grid `ts` (see
+    `grid_interval` for `uniform`), at time `t`."""
+    index, fraction, step = grid_interval(ts, t, uniform)
+    local = _local((values, derivatives, second_derivatives), index)
+    return quintic_hermite_on_uniform_grid(*local, fraction, step)
+
+
+def _local(arrays, index):
+    # The two nodes of interval `index`, as a grid of one interval (one dynamic
+    # slice per array rather than two gathers).
+    return tuple(jax.lax.dynamic_slice_in_dim(x, index, 2) for x in arrays)

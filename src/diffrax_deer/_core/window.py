@@ -5,7 +5,7 @@ import jax
 import jax.custom_derivatives
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Inexact, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Inexact, PyTree, Real
 
 from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
 from .newton import NewtonStats, newton_solve
@@ -14,8 +14,6 @@ from .predictor import COARSENING, constant_guess, predict_trajectory
 
 class _WindowConfig(eqx.Module):
     discretisation: AbstractDiscretisation = eqx.field(static=True)
-    rtol: float = eqx.field(static=True)
-    atol: float | None = eqx.field(static=True)
     max_iters: int = eqx.field(static=True)
     predictor_steps: int = eqx.field(static=True)
     predictor_coarsening: int | None = eqx.field(static=True)
@@ -27,10 +25,12 @@ def _is_none(x) -> bool:
     return x is None
 
 
-def _residual_size(vector_field, discretisation, ts, ys, args) -> Array:
+def _residual_size(vector_field, discretisation, ts, ys, args, stages=None) -> Array:
     r"""$\max_i \mathrm{RMS}(r_i)$ of a trajectory, with its stage unknowns at their
-    starting values: one vectorised residual evaluation."""
-    stages = discretisation.init_stages(vector_field, ts, ys, args)
+    starting values (given, or from the nodes): one vectorised residual
+    evaluation."""
+    if stages is None:
+        stages = discretisation.init_stages(vector_field, ts, ys, args)
     residual = discretisation.residual(vector_field, ts, ys, stages, args)
     rms = [
         jnp.max(jnp.sqrt(jnp.mean(jnp.abs(r) ** 2, axis=-1)))
@@ -39,17 +39,32 @@ def _residual_size(vector_field, discretisation, ts, ys, args) -> Array:
     return jnp.max(jnp.stack(rms))
 
 
-def _smaller_residual(vector_field, discretisation, ts, args, stored, predicted):
-    """Whichever starting trajectory has the smaller residual; the predicted one
-    when the stored one's residual is not finite."""
-    stored_size = _residual_size(vector_field, discretisation, ts, stored, args)
+def _smaller_residual(
+    vector_field, discretisation, ts, args, stored, predicted, stored_stages=None
+):
+    """Whichever starting trajectory has the smaller residual (the predicted one
+    when the stored one's residual is not finite), and whether it is the stored
+    one."""
+    stored_size = _residual_size(
+        vector_field, discretisation, ts, stored, args, stored_stages
+    )
     predicted_size = _residual_size(vector_field, discretisation, ts, predicted, args)
     use_predicted = (predicted_size < stored_size) | ~jnp.isfinite(stored_size)
-    return jnp.where(use_predicted, predicted, stored)
+    return jnp.where(use_predicted, predicted, stored), ~use_predicted
 
 
 @eqx.filter_custom_jvp
-def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowConfig):
+def _solve_window(
+    vector_field,
+    ts,
+    y0,
+    args,
+    guess,
+    use_guess,
+    guess_stages,
+    tolerances,
+    config: _WindowConfig,
+):
     def predict():
         if config.predictor_steps == 0:
             return constant_guess(ts, y0)
@@ -61,8 +76,8 @@ def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowC
             args,
             base_steps=config.predictor_steps,
             coarsening=config.predictor_coarsening,
-            rtol=config.rtol,
-            atol=config.atol,
+            rtol=tolerances[0],
+            atol=tolerances[1],
             max_iters=config.max_iters,
             jacobian=config.jacobian,
         ).guess
@@ -70,17 +85,36 @@ def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowC
     discretisation = config.discretisation
     if guess is None:
         guess = predict()
+        used_guess = jnp.array(False)
     elif use_guess is not None:
         # A stored trajectory can be far worse than the predictor (the parameters
         # moved a lot since it was stored): keep the better of the two.
         def better_of_stored_and_predicted():
             return _smaller_residual(
-                vector_field, discretisation, ts, args, guess.at[0].set(y0), predict()
+                vector_field,
+                discretisation,
+                ts,
+                args,
+                guess.at[0].set(y0),
+                predict(),
+                guess_stages,
             )
 
-        guess = jax.lax.cond(use_guess, better_of_stored_and_predicted, predict)
+        def predicted():
+            return predict(), jnp.array(False)
+
+        guess, used_guess = jax.lax.cond(
+            use_guess, better_of_stored_and_predicted, predicted
+        )
+    else:
+        used_guess = jnp.array(True)
     guess = guess.at[0].set(y0)
     stages = discretisation.init_stages(vector_field, ts, guess, args)
+    if guess_stages is not None:
+        stages = jtu.tree_map(
+            lambda given, made: jnp.where(used_guess, given, made), guess_stages, stages
+        )
+    rtol, atol = tolerances
     return newton_solve(
         vector_field,
         discretisation,
@@ -88,8 +122,8 @@ def _solve_window(vector_field, ts, y0, args, guess, use_guess, config: _WindowC
         guess,
         stages,
         args,
-        rtol=config.rtol,
-        atol=config.atol,
+        rtol=rtol,
+        atol=atol,
         max_iters=config.max_iters,
         jacobian=config.jacobian,
         damping=config.damping,
@@ -107,11 +141,10 @@ def _solve_window_jvp(primals, tangents):
     unknowns, eliminated per interval as in Newton). JAX transposes
     it (a reverse scan) for reverse mode; the Newton loop is never differentiated.
     """
-    vector_field, ts, y0, args, guess, use_guess, config = primals
-    t_vector_field, t_ts, t_y0, t_args, _, _, _ = tangents
-    ys, stages, stats = _solve_window(
-        vector_field, ts, y0, args, guess, use_guess, config
-    )
+    vector_field, ts, y0, args = primals[:4]
+    config = primals[-1]
+    t_vector_field, t_ts, t_y0, t_args = tangents[:4]
+    ys, stages, stats = _solve_window(*primals)
     discretisation = config.discretisation
 
     params = (vector_field, ts, args)
@@ -153,9 +186,10 @@ def solve_window(
     args: PyTree = None,
     guess: Inexact[Array, "nodes n"] | None = None,
     use_guess: Bool[Array, ""] | None = None,
+    guess_stages: PyTree[Array] | None = None,
     *,
-    rtol: float,
-    atol: float | None,
+    rtol: Real[ArrayLike, ""],
+    atol: Real[ArrayLike, ""] | None,
     max_iters: int,
     predictor_steps: int,
     predictor_coarsening: int | None = COARSENING,
@@ -185,8 +219,14 @@ def solve_window(
     - `use_guess`: optional boolean scalar: when given, `guess` is used only where
         it is true and the predictor runs otherwise (a warm start decided at run
         time).
+    - `guess_stages`: optional starting stage unknowns to go with `guess` (e.g.
+        from [`diffrax_deer.AbstractDiscretisation.transfer_stages`][]), used
+        wherever `guess` is; not differentiated. By default they come from
+        `discretisation.init_stages`.
     - `rtol`, `atol`, `max_iters`: Newton's stopping rule (`atol=None` scales
-        with the trajectory): see [`diffrax_deer.newton_solve`][].
+        with the trajectory: see [`diffrax_deer.newton_solve`][]); the tolerances
+        may be traced values, e.g. from a step-size controller, and are not
+        differentiated.
     - `predictor_steps`: sequential steps of the predictor's base solve (used when
         `guess` is `None`: nested iteration down to this many sequential steps, see
         `predict_trajectory`); `0` starts from $y_0$ at every node.
@@ -224,14 +264,26 @@ def solve_window(
         guess = jax.lax.stop_gradient(guess)
     if use_guess is not None:
         use_guess = jax.lax.stop_gradient(jnp.asarray(use_guess))
+    if guess_stages is not None:
+        if guess is None:
+            raise ValueError("`guess_stages` goes with a `guess`.")
+        guess_stages = jax.lax.stop_gradient(guess_stages)
+    real_dtype = jnp.finfo(y0.dtype).dtype
+    # `atol=None` stays None: Newton then scales it with the trajectory.
+    tolerances = jax.lax.stop_gradient(
+        (
+            jnp.asarray(rtol, real_dtype),
+            None if atol is None else jnp.asarray(atol, real_dtype),
+        )
+    )
     config = _WindowConfig(
         discretisation=discretisation,
-        rtol=rtol,
-        atol=atol,
         max_iters=max_iters,
         predictor_steps=predictor_steps,
         predictor_coarsening=predictor_coarsening,
         jacobian=jacobian,
         damping=damping,
     )
-    return _solve_window(vector_field, ts, y0, args, guess, use_guess, config)
+    return _solve_window(
+        vector_field, ts, y0, args, guess, use_guess, guess_stages, tolerances, config
+    )

@@ -18,7 +18,7 @@ from .._core.discretisation import (
     evaluate_nodes_and_time_derivatives,
     identity_like,
 )
-from .._core.hermite import quintic_hermite_on_uniform_grid
+from .._core.hermite import quintic_hermite_on_grid
 from .._core.linear_solve import BatchedLinearSolve
 from .._core.validation import as_python_scalar, is_integer
 
@@ -190,11 +190,9 @@ class AbstractCollocation(AbstractDiscretisation):
         first, second = evaluate_nodes_and_time_derivatives(vector_field, ts, ys, args)
         return dict(first=first, second=second)
 
-    def interpolate(self, ys, dense_info, t_start, spacing, t):
-        safe_spacing = jnp.where(spacing == 0, 1, spacing)
-        position = (t - t_start) / safe_spacing
-        return quintic_hermite_on_uniform_grid(
-            ys, dense_info["first"], dense_info["second"], position, spacing
+    def interpolate(self, ts, ys, dense_info, t, uniform=False):
+        return quintic_hermite_on_grid(
+            ts, ys, dense_info["first"], dense_info["second"], t, uniform
         )
 
     def _stage_points(self, ts, ys, stages):
@@ -241,6 +239,37 @@ class AbstractCollocation(AbstractDiscretisation):
         return jnp.broadcast_to(
             slopes[:, None, :], (slopes.shape[0], self.stages, slopes.shape[1])
         )
+
+    def transfer_stages(self, vector_field, ts, stages, new_ts, new_ys, args):
+        r"""The slope of the collocation polynomial of the solve on `ts` at every
+        stage point of `new_ts`: on interval $i$ of `ts` it is the degree $s - 1$
+        polynomial through the stage slopes $K_{ik}$ at $c_k$,
+        $u'(t_i + \theta h_i) = \sum_k \ell_k(\theta) K_{ik}$. Converged
+        stages satisfy $K = f(Y)$, so these slopes are $O(h^s)$ from the new
+        grid's however stiff $f$ is (unlike $f$ along an interpolant, which
+        multiplies the interpolation error by the stiffness)."""
+        if stages is None:
+            return super().transfer_stages(
+                vector_field, ts, stages, new_ts, new_ys, args
+            )
+        c, _, _ = self._tableau()
+        new_steps = new_ts[1:] - new_ts[:-1]
+        stage_ts = new_ts[:-1, None] + new_steps[:, None] * jnp.asarray(c, new_ts.dtype)
+        interval = jnp.clip(
+            jnp.searchsorted(ts, stage_ts, side="right") - 1, 0, ts.shape[0] - 2
+        )
+        steps = ts[interval + 1] - ts[interval]
+        theta = (stage_ts - ts[interval]) / jnp.where(steps == 0, 1, steps)
+        # The Lagrange basis on the collocation nodes c at every theta: (N', s, s).
+        nodes = jnp.asarray(c, theta.dtype)
+        differences = theta[..., None] - nodes
+        others = ~jnp.eye(self.stages, dtype=bool)
+        numerator = jnp.prod(jnp.where(others, differences[..., None, :], 1), axis=-1)
+        denominator = jnp.prod(
+            jnp.where(others, nodes[:, None] - nodes[None, :], 1), axis=-1
+        )
+        basis = (numerator / denominator).astype(stages.dtype)
+        return jnp.einsum("jlk,jlkn->jln", basis, stages[interval])
 
     def residual(self, vector_field, ts, ys, stages, args):
         stage_ts, stage_ys = self._stage_points(ts, ys, stages)

@@ -1,0 +1,195 @@
+"""A window's global error, estimated by Richardson extrapolation on a nested grid."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, Bool, Inexact, PyTree, Real
+
+from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
+from .newton import NewtonStats, newton_solve
+
+
+class ErrorEstimate(eqx.Module):
+    r"""The estimated global error of a window's nodes, and how it was obtained.
+
+    **Arguments:**
+
+    - `node_errors`: the estimated error $e_i \approx y_i - y(t_i)$ at every node,
+        shape `(N + 1, n)` (zero at the first node; between the nodes of the coarse
+        grid, interpolated linearly).
+    - `coarse_stats`: the [`diffrax_deer.NewtonStats`][] of the coarse solve.
+    - `valid`: whether the estimate can be trusted: the coarse solve converged and
+        every error is finite. Where it is false, `node_errors` is infinite.
+    - `coarse_ts`, `coarse_ys`, `coarse_stages`: the coarse grid and its solution
+        (the re-meshing reads its local errors from them).
+    - `coarse_errors`: `node_errors` at the coarse nodes, shape `(M + 1, n)`.
+    """
+
+    node_errors: Inexact[Array, "nodes n"]
+    coarse_stats: NewtonStats
+    valid: Bool[Array, ""]
+    coarse_ts: Real[Array, " coarse"]
+    coarse_ys: Inexact[Array, "coarse n"]
+    coarse_stages: PyTree[Array] | None
+    coarse_errors: Inexact[Array, "coarse n"]
+
+
+def _stop_gradient(x):
+    return jax.lax.stop_gradient(x) if eqx.is_array(x) else x
+
+
+def coarse_indices(num_intervals: int) -> np.ndarray:
+    """The fine nodes that form the coarse grid: every other one, and the last.
+
+    With an odd number of intervals the last fine interval is kept as it is (it
+    adds nothing to the difference, so its own error is missed).
+    """
+    indices = np.arange(0, num_intervals + 1, 2)
+    if indices[-1] != num_intervals:
+        indices = np.append(indices, num_intervals)
+    return indices
+
+
+def estimate_error(
+    vector_field: VectorField,
+    discretisation: AbstractDiscretisation,
+    ts: Real[Array, " nodes"],
+    ys: Inexact[Array, "nodes n"],
+    stages: PyTree[Array] | None,
+    args: PyTree,
+    *,
+    rtol: Real[Array, ""] | float,
+    atol: Real[Array, ""] | float | None,
+    max_iters: int,
+    jacobian: JacobianMode = "full",
+) -> ErrorEstimate:
+    r"""Estimates the global error of a converged window by Richardson extrapolation.
+
+    The same method solves the window again on the nested coarse grid
+    $T_j = t_{2j}$ (every other node), by Newton from the fine solution. For a
+    method of order $p$ the global errors of the two grids are
+    $e^{h} \approx C h^p$ and $e^{2h} \approx C (2h)^p$ at the shared nodes, so
+
+    $$e_{2j} \approx \frac{y^{h}_{2j} - y^{2h}_j}{2^p - 1},$$
+
+    a global error estimate at every coarse node, which accounts for how the
+    window's dynamics propagate errors (it compares two trajectories, not local
+    errors). Newton starts next to the coarse answer (the two differ by the
+    discretisation error), so the coarse solve takes one to three iterations on
+    half the intervals. The grid need not be uniform: a smooth mesh and its
+    every-other-node coarsening are a nested pair like a uniform one.
+
+    Nothing here is differentiated (the inputs are wrapped in `stop_gradient`).
+
+    **Arguments:**
+
+    - `vector_field`: `f(t, y, args)` on flat arrays.
+    - `discretisation`: the window's method, of order `discretisation.order()`.
+    - `ts`: the `N + 1` fine nodes, $N \ge 2$.
+    - `ys`: the converged fine solution, shape `(N + 1, n)`.
+    - `stages`: its stage unknowns (or `None`): the coarse solve starts from
+        them, restricted to the coarse grid (see
+        [`diffrax_deer.AbstractDiscretisation.transfer_stages`][]).
+    - `args`: passed to `vector_field`.
+    - `rtol`, `atol`, `max_iters`, `jacobian`: the coarse Newton solve's.
+
+    **Returns:**
+
+    An [`diffrax_deer.ErrorEstimate`][].
+    """
+    num_intervals = ts.shape[0] - 1
+    if num_intervals < 2:
+        raise ValueError(
+            "An error estimate needs at least 2 intervals per window (it compares "
+            f"the grid with every other node of it); got {num_intervals}."
+        )
+    vector_field = eqx.filter_closure_convert(vector_field, ts[0], ys[0], args)
+    vector_field, ts, ys, stages, args = jtu.tree_map(
+        _stop_gradient, (vector_field, ts, ys, stages, args)
+    )
+    indices = coarse_indices(num_intervals)
+    coarse_ts = ts[indices]
+    guess = ys[indices]
+    coarse_stages = discretisation.transfer_stages(
+        vector_field, ts, stages, coarse_ts, guess, args
+    )
+    coarse_ys, coarse_stages, stats = newton_solve(
+        vector_field,
+        discretisation,
+        coarse_ts,
+        guess,
+        coarse_stages,
+        args,
+        rtol=rtol,
+        atol=atol,
+        max_iters=max_iters,
+        jacobian=jacobian,
+    )
+    factor = 2.0 ** discretisation.order() - 1
+    coarse_errors = (guess - coarse_ys) / jnp.asarray(factor, ys.dtype)
+    node_errors = jax.vmap(jnp.interp, in_axes=(None, None, 1), out_axes=1)(
+        ts, coarse_ts, coarse_errors
+    )
+    valid = stats.converged & jnp.all(jnp.isfinite(node_errors))
+    node_errors = jnp.where(valid, node_errors, jnp.inf)
+    coarse_errors = jnp.where(valid, coarse_errors, jnp.inf)
+    return ErrorEstimate(
+        node_errors=node_errors,
+        coarse_stats=stats,
+        valid=valid,
+        coarse_ts=coarse_ts,
+        coarse_ys=coarse_ys,
+        coarse_stages=coarse_stages,
+        coarse_errors=coarse_errors,
+    )
+
+
+def local_errors(
+    vector_field: VectorField,
+    discretisation: AbstractDiscretisation,
+    estimate: ErrorEstimate,
+    args: PyTree,
+    jacobian: JacobianMode = "full",
+) -> Inexact[Array, "coarse_steps n"]:
+    r"""The local error that each coarse interval adds to the estimated global error.
+
+    The global error of the fine solution at the coarse nodes, $d_j$, obeys
+    $d_{j+1} = \Phi_j d_j + \lambda_j$: what arrives from the previous node,
+    carried by the dynamics ($\Phi_j$, the coarse transition of the Newton
+    recurrence at the coarse solution, equal to the fine pair's to the method's
+    order), plus what the two fine intervals make there. So
+    $\lambda_j = d_{j+1} - \Phi_j d_j$: large where the mesh is too coarse for the
+    dynamics, small where errors are only carried along (rotated, damped or grown
+    by the flow), which the growth of $d$ alone would not tell apart. One
+    linearisation at the coarse solution, no solve.
+
+    **Arguments:**
+
+    - `vector_field`, `discretisation`, `args`, `jacobian`: as for
+        [`diffrax_deer.estimate_error`][].
+    - `estimate`: its result.
+
+    **Returns:**
+
+    $\lambda_j$ for every coarse interval, shape `(M, n)`.
+    """
+    vector_field, estimate, args = jtu.tree_map(
+        _stop_gradient, (vector_field, estimate, args)
+    )
+    _, linearisation = discretisation.linearise(
+        vector_field,
+        estimate.coarse_ts,
+        estimate.coarse_ys,
+        estimate.coarse_stages,
+        args,
+        jacobian,
+    )
+    transitions = linearisation.transitions
+    errors = estimate.coarse_errors
+    if transitions.ndim == errors.ndim:  # diagonal (quasi-DEER)
+        carried = transitions * errors[:-1]
+    else:
+        carried = jnp.einsum("jnm,jm->jn", transitions, errors[:-1])
+    return errors[1:] - carried
