@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Inexact, Real
 
 from .scan import _compose, _compose_diagonal
@@ -210,6 +211,8 @@ def solve_damped_recurrence(
     transitions: Inexact[Array, "steps n n"] | Inexact[Array, "steps n"],
     offsets: Inexact[Array, "steps n"],
     damping: Real[ArrayLike, ""],
+    *,
+    mesh: Mesh | None = None,
 ) -> Inexact[Array, "steps+1 n"]:
     r"""The Levenberg-Marquardt-damped solution of $d_{i+1} = A_i d_i + b_i$.
 
@@ -263,11 +266,19 @@ def solve_damped_recurrence(
         shape `(N, n)`.
     - `offsets`: the vectors $b_i$, shape `(N, n)`.
     - `damping`: the scalar $\lambda \geq 0$; may be traced.
+    - `mesh`: optional `jax.sharding.Mesh` with an axis named `"time"`: split the
+        steps across its devices, both scans as
+        [`diffrax_deer.solve_affine_recurrence`][] splits its one (`None`: one
+        device).
 
     **Returns:**
 
     The array $(d_0 = 0, d_1, \ldots, d_N)$ of shape `(N + 1, n)`.
     """
+    if mesh is not None:
+        from .sharded_scan import sharded_damped_recurrence
+
+        return sharded_damped_recurrence(transitions, offsets, damping, mesh)
     diagonal = transitions.ndim == offsets.ndim
     dtype = jnp.result_type(transitions, offsets)
     transitions = transitions.astype(dtype)

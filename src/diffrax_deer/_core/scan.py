@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, Inexact
 
 
@@ -37,6 +38,8 @@ def solve_affine_recurrence(
     transitions: Inexact[Array, "steps n n"] | Inexact[Array, "steps n"],
     offsets: Inexact[Array, "steps n"],
     initial: Inexact[Array, " n"],
+    *,
+    mesh: Mesh | None = None,
 ) -> Inexact[Array, "steps+1 n"]:
     r"""Solves $d_{i+1} = A_i d_i + b_i$ for all $i$ at once.
 
@@ -47,17 +50,30 @@ def solve_affine_recurrence(
     linear in `offsets` and `initial`, so JAX can transpose it: reverse-mode
     derivatives become the same scan run backwards with $A_i^\top$.
 
+    With a `mesh`, the steps are split across the devices of its `"time"` axis:
+    each device scans its own block of steps, the $P$ blocks' composed maps
+    ($P$ matrices $n \times n$) are exchanged and scanned, and each device applies
+    the composition of the blocks before it to its own prefixes. Only $O(P n^2)$
+    values move between devices, for any $N$; the result is the same up to
+    round-off.
+
     **Arguments:**
 
     - `transitions`: the matrices $A_i$, shape `(N, n, n)`, or their diagonals,
         shape `(N, n)`.
     - `offsets`: the vectors $b_i$, shape `(N, n)`.
     - `initial`: the starting value $d_0$, shape `(n,)`.
+    - `mesh`: optional `jax.sharding.Mesh` with an axis named `"time"`: split the
+        steps across its devices (`None`: one device).
 
     **Returns:**
 
     The array $(d_0, d_1, \ldots, d_N)$ of shape `(N + 1, n)`.
     """
+    if mesh is not None:
+        from .sharded_scan import sharded_affine_recurrence
+
+        return sharded_affine_recurrence(transitions, offsets, initial, mesh)
     # d_1 = A_0 d_0 + b_0 folded into the first offset: then only the offsets of the
     # prefix compositions are needed, and XLA drops the last level's transitions
     # instead of storing all N prefix products (N n x n matrices, or N n values).
