@@ -555,7 +555,11 @@ class DeerSolver(AbstractImplicitSolver):
             total_remeshes=solver_state.total_remeshes,
         )
         ys = jnp.zeros((self.intervals + 1, 0), y0_flat.dtype)
-        dense_info = dict(ys=ys, info=None, template=structure_template(y0))
+        time_dtype = solver_state.window_t0.dtype
+        ts = jnp.linspace(
+            jnp.asarray(t0, time_dtype), jnp.asarray(t1, time_dtype), ys.shape[0]
+        )
+        dense_info = dict(ts=ts, ys=ys, info=None, template=structure_template(y0))
         return y0, None, dense_info, new_state, RESULTS.successful
 
     def _vector_field(self, terms, unravel, dtype):

@@ -266,5 +266,30 @@ class AbstractDiscretisation(eqx.Module):
         return hermite_on_grid(ts, ys, dense_info, t, uniform)
 
 
+def closure_convert_field(
+    vector_field: VectorField, t: PyTree[Array], y: Inexact[Array, " n"], args: PyTree
+) -> tuple[VectorField, PyTree]:
+    """`vector_field` with its closed-over arrays (e.g. a network's weights) lifted
+    into explicit inputs, so that custom derivatives see and differentiate them;
+    returns it and the array leaves of `args` to call it with.
+
+    The non-array leaves of `args` (Python numbers, strings) are closed over instead
+    of passed: passed, they would be static arguments, compared by equality on every
+    call, which a Python NaN never passes.
+
+    **Arguments:**
+
+    - `vector_field`: `f(t, y, args)`.
+    - `t`, `y`, `args`: example arguments (a time, or a step's inputs; the state).
+    """
+    array_args, static_args = eqx.partition(args, eqx.is_array)
+
+    def field_of_arrays(t, y, array_args):
+        return vector_field(t, y, eqx.combine(array_args, static_args))
+
+    converted = eqx.filter_closure_convert(field_of_arrays, t, y, array_args)
+    return converted, array_args
+
+
 def identity_like(jacobians: Inexact[Array, "... n n"]) -> Inexact[Array, "n n"]:
     return jnp.eye(jacobians.shape[-1], dtype=jacobians.dtype)

@@ -7,7 +7,12 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Bool, Inexact, PyTree, Real
 
-from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
+from .discretisation import (
+    AbstractDiscretisation,
+    JacobianMode,
+    VectorField,
+    closure_convert_field,
+)
 from .newton import NewtonStats, newton_solve
 
 
@@ -105,7 +110,7 @@ def estimate_error(
             "An error estimate needs at least 2 intervals per window (it compares "
             f"the grid with every other node of it); got {num_intervals}."
         )
-    vector_field = eqx.filter_closure_convert(vector_field, ts[0], ys[0], args)
+    vector_field, args = closure_convert_field(vector_field, ts[0], ys[0], args)
     vector_field, ts, ys, stages, args = jtu.tree_map(
         _stop_gradient, (vector_field, ts, ys, stages, args)
     )

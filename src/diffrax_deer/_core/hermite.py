@@ -114,7 +114,7 @@ def grid_interval(ts: Real[Array, " nodes"], t: Real[Array, ""], uniform: bool =
         spacing = (ts[-1] - ts[0]) / num_intervals
         position = (t - ts[0]) / jnp.where(spacing == 0, 1, spacing)
         index = jnp.clip(jnp.floor(position), 0, num_intervals - 1).astype(jnp.int32)
-        return index, position - index, spacing
+        return index, position - index.astype(position.dtype), spacing
     if ts.shape[0] <= _COMPARE_ALL_NODES:
         index = jnp.sum(ts[1:-1] <= t, dtype=jnp.int32)
     else:

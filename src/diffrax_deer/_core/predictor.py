@@ -395,6 +395,10 @@ def predict_trajectory(
             )
         )
     guess = _guess_from(levels, vector_field, args, order, num_steps, ts, y0)
+    # Where the field is non-finite along the way (NaN near y0, a blow-up), the
+    # constant guess keeps Newton's best iterate finite, so that a divergence
+    # returns finite values, as the constant predictor always did.
+    guess = jnp.where(_all_finite(guess), guess, constant_guess(ts, y0))
     return Prediction(guess=guess, levels=tuple(levels))
 
 

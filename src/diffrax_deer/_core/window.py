@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Bool, Inexact, PyTree, Real
 
-from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
+from .discretisation import (
+    AbstractDiscretisation,
+    JacobianMode,
+    VectorField,
+    closure_convert_field,
+)
 from .newton import NewtonStats, newton_solve
 from .predictor import COARSENING, constant_guess, predict_trajectory
 
@@ -171,13 +176,6 @@ def _solve_window_jvp(primals, tangents):
     return (ys, stages, stats), (t_ys, t_stages, t_stats)
 
 
-def _with_static_args(vector_field: VectorField, static_args: PyTree) -> VectorField:
-    def field(t, y, array_args):
-        return vector_field(t, y, eqx.combine(array_args, static_args))
-
-    return field
-
-
 def solve_window(
     vector_field: VectorField,
     discretisation: AbstractDiscretisation,
@@ -243,23 +241,15 @@ def solve_window(
     The node values, shape `(N + 1, n)`, the stage unknowns of the discretisation
     (or `None`), and [`diffrax_deer.NewtonStats`][].
     """
-    # Lift closed-over arrays (e.g. a neural network's weights) into explicit inputs,
-    # so that the custom derivative sees, and differentiates, them. The non-array
-    # leaves of `args` (Python numbers, strings) are closed over instead of passed:
-    # passed, they would be static arguments, compared by equality on every call,
-    # which a Python NaN never passes.
     if guess is None and not eqx.is_array(ts):
         raise ValueError(
             "`solve_window` needs a `guess` when `ts` is not a grid of times: the "
             "predictor integrates an ODE."
         )
     first_point = jtu.tree_map(lambda t: t[0], ts)
-    array_args, static_args = eqx.partition(args, eqx.is_array)
-    field_of_arrays = _with_static_args(vector_field, static_args)
-    vector_field = eqx.filter_closure_convert(
-        field_of_arrays, first_point, y0, array_args
-    )
-    args = array_args
+    # Closed-over arrays (e.g. a network's weights) become explicit inputs, so that
+    # the custom derivative sees, and differentiates, them.
+    vector_field, args = closure_convert_field(vector_field, first_point, y0, args)
     if guess is not None:
         guess = jax.lax.stop_gradient(guess)
     if use_guess is not None:

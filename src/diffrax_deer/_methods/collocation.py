@@ -254,7 +254,8 @@ class AbstractCollocation(AbstractDiscretisation):
             )
         c, _, _ = self._tableau()
         new_steps = new_ts[1:] - new_ts[:-1]
-        stage_ts = new_ts[:-1, None] + new_steps[:, None] * jnp.asarray(c, new_ts.dtype)
+        stage_fractions = jnp.asarray(c, new_ts.dtype)[None, :]
+        stage_ts = new_ts[:-1, None] + new_steps[:, None] * stage_fractions
         interval = jnp.clip(
             jnp.searchsorted(ts, stage_ts, side="right") - 1, 0, ts.shape[0] - 2
         )
@@ -262,13 +263,22 @@ class AbstractCollocation(AbstractDiscretisation):
         theta = (stage_ts - ts[interval]) / jnp.where(steps == 0, 1, steps)
         # The Lagrange basis on the collocation nodes c at every theta: (N', s, s).
         nodes = jnp.asarray(c, theta.dtype)
-        differences = theta[..., None] - nodes
+        # Explicit ranks throughout (diffrax's settings raise on rank promotion).
+        differences = theta[..., None] - nodes[None, None, :]
         others = ~jnp.eye(self.stages, dtype=bool)
-        numerator = jnp.prod(jnp.where(others, differences[..., None, :], 1), axis=-1)
-        denominator = jnp.prod(
-            jnp.where(others, nodes[:, None] - nodes[None, :], 1), axis=-1
+        numerator = jnp.prod(
+            jnp.where(
+                others[None, None], differences[..., None, :], jnp.ones((), theta.dtype)
+            ),
+            axis=-1,
         )
-        basis = (numerator / denominator).astype(stages.dtype)
+        denominator = jnp.prod(
+            jnp.where(
+                others, nodes[:, None] - nodes[None, :], jnp.ones((), theta.dtype)
+            ),
+            axis=-1,
+        )
+        basis = (numerator / denominator[None, None, :]).astype(stages.dtype)
         return jnp.einsum("jlk,jlkn->jln", basis, stages[interval])
 
     def residual(self, vector_field, ts, ys, stages, args):

@@ -5,7 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Inexact, Int, PyTree, Real
+from jaxtyping import Array, ArrayLike, Bool, Inexact, Int, PyTree, Real
 
 from ..damped_scan import solve_damped_recurrence
 from ..discretisation import (
@@ -37,8 +37,9 @@ class NewtonProblem(eqx.Module):
     discretisation: AbstractDiscretisation
     ts: Inexact[Array, " nodes"]
     args: PyTree
-    rtol: float = eqx.field(static=True)
-    atol: float | None = eqx.field(static=True)
+    # Not static: a step-size controller's tolerances are traced values.
+    rtol: Real[ArrayLike, ""]
+    atol: Real[ArrayLike, ""] | None
     jacobian: JacobianMode = eqx.field(static=True)
 
     def residual(
