@@ -128,3 +128,15 @@ def test_every_imported_package_is_a_runtime_dependency():
         imported |= {name.split(".")[0] for name in _imported_modules(path)}
     third_party = imported - set(sys.stdlib_module_names) - {"diffrax_deer"}
     assert third_party - OPTIONAL_IMPORTS <= declared, third_party - declared
+
+
+def test_no_function_is_longer_than_120_lines():
+    # "Keep functions short": a hard ceiling, docstrings included.
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 120:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {length}")
+    assert not long, long

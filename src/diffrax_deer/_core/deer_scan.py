@@ -318,8 +318,9 @@ def deer_scan(
     - `guess`: a starting sequence of carries (a warm start): the structure of
         `init` with a leading axis of length $N$, the carry after each step in the
         order of `xs`, e.g. `stats.carries` of an earlier call. Not differentiated.
-    - `rtol`, `atol`: Newton stops when every update is within `atol + rtol * |h|`
-        (RMS over the carry) at every step; `None`: 1e-10 in float64, 1e-5 in
+    - `rtol`, `atol`: Newton stops when the error it leaves (estimated from the
+        last update and how fast the updates contract) is within `atol + rtol *
+        |h|` (RMS over the carry) at every step; `None`: 1e-10 in float64, 1e-5 in
         float32.
     - `max_iters`: the most Newton iterations (DEER is exact after $N$ in exact
         arithmetic; contractive cells take a handful).
@@ -350,14 +351,10 @@ def deer_scan(
         stats = _converged_stats(init_flat.dtype)
     else:
         guess = _flat_guess(guess, init, init_flat, num_steps, reverse)
-        tolerances = _DEFAULT_TOLERANCES[init_flat.dtype]
-        options = dict(
-            rtol=tolerances[0] if rtol is None else rtol,
-            atol=tolerances[1] if atol is None else atol,
-            max_iters=max_iters,
-            jacobian=jacobian,
-            damping=damping,
-        )
+        default_rtol, default_atol = _DEFAULT_TOLERANCES[init_flat.dtype]
+        options = dict(max_iters=max_iters, jacobian=jacobian, damping=damping)
+        options["rtol"] = default_rtol if rtol is None else rtol
+        options["atol"] = default_atol if atol is None else atol
         final, ys, carries, stats = _newton_scan(f, init, xs, guess, options)
     if reverse:
         ys, carries = _flip(ys), _flip(carries)
