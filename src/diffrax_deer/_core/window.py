@@ -9,6 +9,7 @@ from jaxtyping import Array, Bool, Inexact, PyTree
 
 from .discretisation import AbstractDiscretisation, JacobianMode, VectorField
 from .newton import NewtonStats, newton_solve
+from .newton.norms import residual_norm
 from .predictor import COARSENING, constant_guess, predict_trajectory
 
 
@@ -28,15 +29,10 @@ def _is_none(x) -> bool:
 
 
 def _residual_size(vector_field, discretisation, ts, ys, args) -> Array:
-    r"""$\max_i \mathrm{RMS}(r_i)$ of a trajectory, with its stage unknowns at their
-    starting values: one vectorised residual evaluation."""
+    r"""$\max_i \mathrm{RMS}(r_i)$ of a trajectory (infinite if not finite), with its
+    stage unknowns at their starting values: one vectorised residual evaluation."""
     stages = discretisation.init_stages(vector_field, ts, ys, args)
-    residual = discretisation.residual(vector_field, ts, ys, stages, args)
-    rms = [
-        jnp.max(jnp.sqrt(jnp.mean(jnp.abs(r) ** 2, axis=-1)))
-        for r in jtu.tree_leaves(residual)
-    ]
-    return jnp.max(jnp.stack(rms))
+    return residual_norm(discretisation.residual(vector_field, ts, ys, stages, args))
 
 
 def _smaller_residual(vector_field, discretisation, ts, args, stored, predicted):

@@ -72,7 +72,6 @@ class BestIterate(eqx.Module):
     ) -> "BestIterate":
         # Judged at the current iterate, whose residual each loop has anyway.
         norm = residual_norm(residual)
-        norm = jnp.where(jnp.isfinite(norm), norm, jnp.inf)
         return jax.lax.cond(
             norm < self.residual_norm,
             lambda: BestIterate(ys, stages, norm),
