@@ -129,7 +129,7 @@ def _compiled_memory_over_trajectory(size, jacobian):
 
 def test_diagonal_memory_is_linear_in_state_size():
     # The diagonal mode never forms N x n x n: at n = 256 it needs a small multiple
-    # of the trajectory (measured 7.0x; the floor is 10x); the full mode
+    # of the trajectory (measured 6.9x; the floor is 10x); the full mode
     # needs about 4 n times it.
     assert _compiled_memory_over_trajectory(256, "diagonal") <= 10
     assert _compiled_memory_over_trajectory(64, "full") > 64 / 2
@@ -213,7 +213,8 @@ def test_overflow_is_reported_not_nan(damping):
     assert sol.result != diffrax.RESULTS.successful
     assert bool(jnp.all(jnp.isfinite(sol.ys)))
     assert bool(jnp.isfinite(sol.solver_state.residual_norm))
-    with pytest.raises(Exception, match="nonlinear|Nonlinear"):
+    # DeerSolver's own message (the window, the figures, the remedies).
+    with pytest.raises(Exception, match="Newton's method (did not converge|diverged)"):
         diffrax.diffeqsolve(
             diffrax.ODETerm(blowing_up), solver, 0.0, 2.0, 2.0, jnp.array([1.0])
         )

@@ -14,6 +14,7 @@ from .discretisation import (
     closure_convert_field,
 )
 from .newton import NewtonStats, newton_solve
+from .newton.norms import residual_norm
 from .predictor import COARSENING, constant_guess, predict_trajectory
 
 
@@ -31,17 +32,12 @@ def _is_none(x) -> bool:
 
 
 def _residual_size(vector_field, discretisation, ts, ys, args, stages=None) -> Array:
-    r"""$\max_i \mathrm{RMS}(r_i)$ of a trajectory, with its stage unknowns at their
-    starting values (given, or from the nodes): one vectorised residual
-    evaluation."""
+    r"""$\max_i \mathrm{RMS}(r_i)$ of a trajectory (infinite if not finite), with its
+    stage unknowns at their starting values (given, or from the nodes): one
+    vectorised residual evaluation."""
     if stages is None:
         stages = discretisation.init_stages(vector_field, ts, ys, args)
-    residual = discretisation.residual(vector_field, ts, ys, stages, args)
-    rms = [
-        jnp.max(jnp.sqrt(jnp.mean(jnp.abs(r) ** 2, axis=-1)))
-        for r in jtu.tree_leaves(residual)
-    ]
-    return jnp.max(jnp.stack(rms))
+    return residual_norm(discretisation.residual(vector_field, ts, ys, stages, args))
 
 
 def _smaller_residual(

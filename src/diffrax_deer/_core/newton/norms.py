@@ -1,5 +1,6 @@
 """The sizes Newton measures: residuals, updates, and whether everything is finite."""
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Inexact, PyTree, Real
@@ -12,18 +13,42 @@ def all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def max_rms(x: Inexact[Array, "... n"]) -> Real[Array, ""]:
-    """$\\max_i \\mathrm{RMS}(x_i)$: the RMS over the state, the max over nodes."""
-    rms = jnp.sqrt(jnp.mean(jnp.abs(x) ** 2, axis=-1))
-    # NaN counts as infinitely large. The guard also keeps XLA:CPU (jaxlib 0.10)
-    # from emitting this reduction as a YNN fusion, which is ~30x slower on arrays
-    # of shape (N, 1) (a hidden size of 1).
-    return jnp.max(jnp.where(jnp.isnan(rms), jnp.inf, rms))
+def _mean_squares_and_any(
+    x: Inexact[Array, "... n"], flags: Bool[Array, "... n"]
+) -> tuple[Real[Array, "..."], Bool[Array, "..."]]:
+    """Per row (the last axis): the mean of $|x|^2$, and whether any flag is set.
+
+    One reduction with two outputs, not two reductions, for memory: XLA's CPU
+    backend hands a one-output reduction over a large array to YNNPACK, whose
+    fusion cannot read slices in place, so every slice in the reduced expression
+    (a residual's `y[1:]`, `y[:-1]`, `f[1:]`, `f[:-1]`) became a trajectory-sized
+    buffer of its own: 3 of the 10 trajectories a diagonal solve held. XLA's own
+    fusion, which takes the two-output reduction, reads them in place.
+    """
+
+    def add_and_or(a, b):
+        return a[0] + b[0], a[1] | b[1]
+
+    zero = jnp.zeros((), jnp.finfo(x.dtype).dtype)
+    squares, any_flag = jax.lax.reduce(
+        (jnp.abs(x) ** 2, flags), (zero, jnp.array(False)), add_and_or, (x.ndim - 1,)
+    )
+    return squares / x.shape[-1], any_flag
+
+
+def max_rms_or_inf(x: Inexact[Array, "... n"]) -> Real[Array, ""]:
+    """$\\max_i \\mathrm{RMS}(x_i)$ (the RMS over the state, the max over nodes),
+    or infinity where any value is not finite."""
+    mean_squares, non_finite = _mean_squares_and_any(x, ~jnp.isfinite(x))
+    return jnp.where(jnp.any(non_finite), jnp.inf, jnp.max(jnp.sqrt(mean_squares)))
 
 
 def residual_norm(residual: Residual) -> Real[Array, ""]:
-    """$\\max_i \\mathrm{RMS}(r_i)$ over the node and stage residuals."""
-    return jnp.max(jnp.stack([max_rms(x) for x in jtu.tree_leaves(residual)]))
+    """$\\max_i \\mathrm{RMS}(r_i)$ over the node and stage residuals; infinite
+    where any residual is not finite (so it never looks smaller than a finite
+    one)."""
+    leaves = jtu.tree_leaves(residual)
+    return jnp.max(jnp.stack([max_rms_or_inf(x) for x in leaves]))
 
 
 def sum_squares(tree: PyTree[Array]) -> Real[Array, ""]:
@@ -77,9 +102,11 @@ def scaled_update_norm(
     """
     scale = tolerance_scale(ys, trial_ys, rtol, atol)
     positive = scale > 0
-    norm = max_rms(step / jnp.where(positive, scale, 1))
-    outside = jnp.any(~positive & (step != 0))
-    return jnp.where(outside, jnp.inf, norm), ~jnp.isfinite(norm)
+    mean_squares, outside = _mean_squares_and_any(
+        step / jnp.where(positive, scale, 1), ~positive & (step != 0)
+    )
+    norm = jnp.max(jnp.sqrt(mean_squares))
+    return jnp.where(jnp.any(outside), jnp.inf, norm), ~jnp.isfinite(norm)
 
 
 def error_estimate(

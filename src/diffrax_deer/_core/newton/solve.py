@@ -54,7 +54,6 @@ def _stats(
 ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
     # Converged: the last iterate. Otherwise the one with the smallest residual.
     final_norm = residual_norm(problem.residual(final_ys, final_stages))
-    final_norm = jnp.where(jnp.isfinite(final_norm), final_norm, jnp.inf)
     use_final = progress.converged | (final_norm < best.residual_norm)
     ys, stages = select(use_final, (final_ys, final_stages), (best.ys, best.stages))
     stats = NewtonStats(

@@ -71,14 +71,13 @@ class BestIterate(eqx.Module):
         stages: PyTree[Array] | None,
         residual: Residual,
     ) -> "BestIterate":
-        # Judged at the current iterate, whose residual each loop has anyway.
+        # Judged at the current iterate, whose residual each loop has anyway. A
+        # select, not a `lax.cond`: XLA writes it into the best iterate's own
+        # buffer, where the branch returning `ys` was one more copy of the
+        # trajectory per iteration (into the conditional's output).
         norm = residual_norm(residual)
-        norm = jnp.where(jnp.isfinite(norm), norm, jnp.inf)
-        return jax.lax.cond(
-            norm < self.residual_norm,
-            lambda: BestIterate(ys, stages, norm),
-            lambda: self,
-        )
+        better = norm < self.residual_norm
+        return select(better, BestIterate(ys, stages, norm), self)
 
 
 class NewtonProgress(eqx.Module):
