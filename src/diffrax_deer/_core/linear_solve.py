@@ -48,6 +48,36 @@ def _inverse_gauss_jordan(
     return augmented[:, :, size:]
 
 
+def _inverse_gauss_jordan_loop(
+    matrices: Inexact[Array, "steps m m"],
+) -> Inexact[Array, "steps m m"]:
+    """`_inverse_gauss_jordan` as a loop over the `m` columns (a `fori_loop`, so
+    that the program does not grow with `m`), vectorised over the blocks."""
+    size = matrices.shape[-1]
+    identity = jnp.broadcast_to(jnp.eye(size, dtype=matrices.dtype), matrices.shape)
+    augmented = jnp.concatenate([matrices, identity], axis=-1)
+    rows = jnp.arange(size)[None, :]
+
+    def eliminate(k, augmented):
+        column = jax.lax.dynamic_index_in_dim(augmented, k, axis=2, keepdims=False)
+        below = jnp.where(rows >= k, jnp.abs(column), -jnp.ones((), column.dtype))
+        pivot = jnp.argmax(below, axis=1)
+        pivot_row = jnp.take_along_axis(augmented, pivot[:, None, None], axis=1)[:, 0]
+        row_k = jax.lax.dynamic_index_in_dim(augmented, k, axis=1, keepdims=False)
+        is_pivot = (rows == pivot[:, None])[:, :, None]
+        augmented = jnp.where(is_pivot, row_k[:, None, :], augmented)
+        pivot_value = jax.lax.dynamic_index_in_dim(pivot_row, k, axis=1)
+        pivot_row = pivot_row / pivot_value
+        is_k = rows == k
+        column = jax.lax.dynamic_index_in_dim(augmented, k, axis=2, keepdims=False)
+        factors = jnp.where(is_k, jnp.zeros((), column.dtype), column)
+        augmented = augmented - factors[:, :, None] * pivot_row[:, None, :]
+        return jnp.where(is_k[:, :, None], pivot_row[:, None, :], augmented)
+
+    augmented = jax.lax.fori_loop(0, size, eliminate, augmented)
+    return augmented[:, :, size:]
+
+
 def _inverse_lineax(
     matrices: Inexact[Array, "steps m m"],
 ) -> Inexact[Array, "steps m m"]:
@@ -74,7 +104,9 @@ def batched_inverse(
     $m = 1$, the adjugate over the determinant for $m = 2$, Gauss-Jordan elimination
     with partial pivoting (unrolled over the columns) for $3 \le m \le 8$. No LAPACK
     call, and nothing XLA:CPU's scheduler can run concurrently into a deadlock.
-    Larger blocks use one batched `lineax.LU`. A singular block gives non-finite
+    Larger blocks use Gauss-Jordan elimination as a loop over the columns on CPU
+    (jaxlib's batched LAPACK LU can deadlock there), one batched `lineax.LU`
+    elsewhere. A singular block gives non-finite
     entries, which Newton treats as a failed step.
 
     **Arguments:**
@@ -88,7 +120,14 @@ def batched_inverse(
         return _inverse_2x2(matrices)
     if size <= MAX_ELEMENTWISE_SIZE:
         return _inverse_gauss_jordan(matrices)
-    return _inverse_lineax(matrices)
+    # On CPU, not LAPACK: jaxlib 0.10's batched LU splits its batch over XLA's
+    # thread pool and waits for the parts, so two such calls running at once
+    # (a DEER solve nested in another's predictor or error estimate) deadlock a
+    # 2-core machine. Elimination is 3-6x slower than LAPACK there (n = 12-64),
+    # and never hangs. Elsewhere (GPU), one batched LU.
+    return jax.lax.platform_dependent(
+        matrices, cpu=_inverse_gauss_jordan_loop, default=_inverse_lineax
+    )
 
 
 class BatchedLinearSolve(eqx.Module):
