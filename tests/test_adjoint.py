@@ -382,6 +382,8 @@ def test_dense_output_holds_only_the_windows_that_occur():
 @pytest.mark.parametrize("adjoint", ADJOINTS)
 def test_dense_output_reserved_for_max_steps_is_warned_of(adjoint):
     remedy = "StepTo" if adjoint == "deer" else "DeerAdjoint.*StepTo"
-    match = rf"reserves 0\.6\d GiB.*max_steps.*{remedy}"
+    # (0.64 GiB before the dense output kept each window's nodes, for re-meshed
+    # windows; 0.76 since.)
+    match = rf"reserves 0\.7\d GiB.*max_steps.*{remedy}"
     with pytest.warns(UserWarning, match=match):
         assert _dense_info_lengths(ADJOINTS[adjoint], dt0=T1 - T0) == {4096}

@@ -1,6 +1,7 @@
 """The predictor: nested iteration with no sequential loop that grows with N."""
 
 import collections
+import math
 
 import diffrax
 import jax
@@ -79,8 +80,12 @@ def _loops(solve, mode):
     return sequential_loops(function, jnp.array([1.0, 1.0]), jnp.array(1.0))
 
 
-def _scans_and_whiles(loops):
-    scans = collections.Counter(loop.length for loop in loops if loop.kind == "scan")
+def _scans_and_whiles(loops, num_steps):
+    # Binary searches (`jnp.interp`, `searchsorted`: the error estimate's
+    # interpolation) are scans of about log2(N) steps: logarithmic depth, allowed.
+    search = math.ceil(math.log2(num_steps + 1)) + 1
+    lengths = [loop.length for loop in loops if loop.kind == "scan"]
+    scans = collections.Counter(length for length in lengths if length > search)
     return scans, sum(loop.kind == "while" for loop in loops)
 
 
@@ -92,8 +97,9 @@ def _check_depth(make_solve, mode):
     # length (the base solve's 64 steps, and its ROS2 fallback), and one more
     # Newton while loop per level (per pass, for a gradient through diffrax's
     # checkpointed loop). The old RK4 predictor had a scan of N // 16 steps.
-    small_scans, small_whiles = _scans_and_whiles(_loops(make_solve(_SMALL), mode))
-    large_scans, large_whiles = _scans_and_whiles(_loops(make_solve(_LARGE), mode))
+    small_loops, large_loops = (_loops(make_solve(n), mode) for n in (_SMALL, _LARGE))
+    small_scans, small_whiles = _scans_and_whiles(small_loops, _SMALL)
+    large_scans, large_whiles = _scans_and_whiles(large_loops, _LARGE)
     assert small_scans == large_scans
     assert max(small_scans) == 64
     levels = len(level_sizes(_LARGE, 64, 8)) - len(level_sizes(_SMALL, 64, 8))

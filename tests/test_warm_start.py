@@ -86,7 +86,22 @@ def cold_state(num_steps=200):
     zero = jnp.array(0, jnp.int32)
     nan = jnp.array(jnp.nan)
     trajectory = jnp.zeros((num_steps + 1, 2))
-    return DeerState(zero, zero, zero, nan, nan, trajectory, nan, nan)
+    return DeerState(
+        num_iters=zero,
+        total_num_iters=zero,
+        max_num_iters=zero,
+        update_norm=nan,
+        residual_norm=nan,
+        trajectory=trajectory,
+        window_t0=nan,
+        window_t1=nan,
+        error_estimate=nan,
+        max_error_estimate=nan,
+        scaled_error=nan,
+        max_scaled_error=nan,
+        total_estimate_iters=zero,
+        total_remeshes=zero,
+    )
 
 
 def test_warm_start_after_a_large_parameter_change_costs_no_more_than_cold():

@@ -67,9 +67,10 @@ def _solve_window(
     config: _WindowConfig,
 ):
     def predict():
+        constant = constant_guess(ts, y0)
         if config.predictor_steps == 0:
-            return constant_guess(ts, y0)
-        return predict_trajectory(
+            return constant
+        predicted = predict_trajectory(
             vector_field,
             config.discretisation,
             ts,
@@ -82,6 +83,14 @@ def _solve_window(
             max_iters=config.max_iters,
             jacobian=config.jacobian,
         ).guess
+        # On a stiff field a coarse solve interpolated onto the grid (through the
+        # field's large values off the slow manifold) can be far worse than y0 at
+        # every node: Radau IIA on Van der Pol mu = 1000 diverged from it and
+        # converges from y0. Keep whichever has the smaller residual.
+        guess, _ = _smaller_residual(
+            vector_field, config.discretisation, ts, args, constant, predicted
+        )
+        return guess
 
     discretisation = config.discretisation
     if guess is None:
