@@ -41,15 +41,21 @@ def _residual_size(vector_field, discretisation, ts, ys, args, stages=None) -> A
 
 
 def _smaller_residual(
-    vector_field, discretisation, ts, args, stored, predicted, stored_stages=None
+    vector_field,
+    discretisation,
+    ts,
+    args,
+    stored,
+    predicted,
+    predicted_size,
+    stored_stages=None,
 ):
-    """Whichever starting trajectory has the smaller residual (the predicted one
-    when the stored one's residual is not finite), and whether it is the stored
-    one."""
+    """Whichever starting trajectory has the smaller residual (the predicted one,
+    of residual `predicted_size`, when the stored one's is not finite), and whether
+    it is the stored one."""
     stored_size = _residual_size(
         vector_field, discretisation, ts, stored, args, stored_stages
     )
-    predicted_size = _residual_size(vector_field, discretisation, ts, predicted, args)
     use_predicted = (predicted_size < stored_size) | ~jnp.isfinite(stored_size)
     return jnp.where(use_predicted, predicted, stored), ~use_predicted
 
@@ -57,6 +63,42 @@ def _smaller_residual(
 # How many times the constant guess's residual the predictor's may be before the
 # constant guess is used instead.
 _FAR_WORSE = 10.0
+
+
+def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
+    """The predictor's guess (the constant one where that is far better), and its
+    residual size (XLA drops it where it is not used)."""
+    discretisation = config.discretisation
+    constant = constant_guess(ts, y0)
+    constant_size = _residual_size(vector_field, discretisation, ts, constant, args)
+    if config.predictor_steps == 0:
+        return constant, constant_size
+    predicted = predict_trajectory(
+        vector_field,
+        discretisation,
+        ts,
+        y0,
+        args,
+        base_steps=config.predictor_steps,
+        coarsening=config.predictor_coarsening,
+        rtol=tolerances[0],
+        atol=tolerances[1],
+        max_iters=config.max_iters,
+        jacobian=config.jacobian,
+    ).guess
+    predicted_size = _residual_size(vector_field, discretisation, ts, predicted, args)
+    # On a stiff field a coarse solve interpolated onto the grid (through the
+    # field's large values off the slow manifold) can be far worse than y0 at every
+    # node: Radau IIA on Van der Pol mu = 1000 diverged from a guess with 3500x the
+    # constant's residual, and converges from y0. Only such a gap counts: a
+    # residual is a rough proxy (explicit Euler's better guess can have 1.3x the
+    # constant's).
+    far_worse = ~(predicted_size <= _FAR_WORSE * constant_size)
+    use_constant = far_worse & jnp.isfinite(constant_size)
+    return (
+        jnp.where(use_constant, constant, predicted),
+        jnp.where(use_constant, constant_size, predicted_size),
+    )
 
 
 @eqx.filter_custom_jvp
@@ -72,41 +114,11 @@ def _solve_window(
     config: _WindowConfig,
 ):
     def predict():
-        constant = constant_guess(ts, y0)
-        if config.predictor_steps == 0:
-            return constant
-        predicted = predict_trajectory(
-            vector_field,
-            config.discretisation,
-            ts,
-            y0,
-            args,
-            base_steps=config.predictor_steps,
-            coarsening=config.predictor_coarsening,
-            rtol=tolerances[0],
-            atol=tolerances[1],
-            max_iters=config.max_iters,
-            jacobian=config.jacobian,
-        ).guess
-        # On a stiff field a coarse solve interpolated onto the grid (through the
-        # field's large values off the slow manifold) can be far worse than y0 at
-        # every node: Radau IIA on Van der Pol mu = 1000 diverged from a guess with
-        # 3500x the constant's residual, and converges from y0. Only such a gap
-        # counts: a residual is a rough proxy (explicit Euler's better guess can
-        # have 1.3x the constant's).
-        predicted_size = _residual_size(
-            vector_field, config.discretisation, ts, predicted, args
-        )
-        constant_size = _residual_size(
-            vector_field, config.discretisation, ts, constant, args
-        )
-        far_worse = ~(predicted_size <= _FAR_WORSE * constant_size)
-        guess = jnp.where(far_worse & jnp.isfinite(constant_size), constant, predicted)
-        return guess
+        return _predict(vector_field, ts, y0, args, tolerances, config)
 
     discretisation = config.discretisation
     if guess is None:
-        guess = predict()
+        guess, _ = predict()
         used_guess = jnp.array(False)
     elif use_guess is not None:
         # A stored trajectory can be far worse than the predictor (the parameters
@@ -118,12 +130,12 @@ def _solve_window(
                 ts,
                 args,
                 guess.at[0].set(y0),
-                predict(),
+                *predict(),
                 guess_stages,
             )
 
         def predicted():
-            return predict(), jnp.array(False)
+            return predict()[0], jnp.array(False)
 
         guess, used_guess = jax.lax.cond(
             use_guess, better_of_stored_and_predicted, predicted
