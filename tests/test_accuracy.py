@@ -221,6 +221,7 @@ def test_convergence_order():
     assert abs(slope - 2) < 0.2, (slope, errors)
 
 
+@pytest.mark.slow
 def test_convergence_order_in_num_steps():
     # The same, varying the number of intervals of a single window, N = 2^4, 2^6, 2^8
     # (through the core `solve_window`, which DeerSolver.step calls, to keep the
@@ -302,6 +303,7 @@ TSIT5_BOUNDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_nonlinear_matches_tsit5(name):
     problem = PROBLEMS[name]
@@ -324,6 +326,7 @@ def test_nonlinear_matches_tsit5(name):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lorenz_long_window_does_not_converge():
     # Over [0, 20] Lorenz is too chaotic for Newton from the coarse predictor within
     # max_iters = 50: the solve must say so rather than return garbage silently.
@@ -348,6 +351,7 @@ def test_lorenz_long_window_does_not_converge():
         diffrax.diffeqsolve(**kwargs, throw=True)
 
 
+@pytest.mark.slow
 def test_lorenz_short_windows_converge():
     # The remedy: windows of length 1 (dt0=1.0), five of 2000 intervals each. Same grid
     # as one window of N = 1e4 over [0, 5], so the same error bound applies.
@@ -367,6 +371,7 @@ def test_lorenz_short_windows_converge():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_windows_agree_with_one_window():
     # One window of 1000 intervals over [0, 10] and four windows (dt0 = 2.5) of 250:
     # the same grid, hence the same discrete solution at every node.
@@ -400,6 +405,7 @@ def test_windows_agree_with_one_window():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lotka_volterra", "mlp"])
 def test_float32_matches_float64(name):
     problem = PROBLEMS[name]

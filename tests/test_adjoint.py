@@ -144,6 +144,7 @@ def assert_close(actual, desired, rtol):
             np.testing.assert_array_equal(a, d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, num_windows", [("dt0", 1), ("dt0", 3), ("stepto", 3)])
 def test_matches_default_adjoint(kind, num_windows):
     out, _, value, grads = run("deer", num_windows, kind)
@@ -230,6 +231,7 @@ def transformed():
 ONE_WINDOW = jnp.asarray(T1 - T0)
 
 
+@pytest.mark.slow
 def test_jvp():
     (value, tangent), _, _, _ = transformed()(
         Y0S, jnp.asarray(K), *DIRECTION, ONE_WINDOW
@@ -266,6 +268,7 @@ def test_grad_of_vmap():
     assert_close(grads[1], sum(g[1] for g in per_sample), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_float32():
     y0, k = Y0.astype(jnp.float32), jnp.float32(K)
     saveat = diffrax.SaveAt(t0=True, t1=True, ts=SAVE_TS.astype(jnp.float32))
@@ -313,6 +316,7 @@ def end_value(k, t1, adjoint):
     return sol.ys[0, 0]
 
 
+@pytest.mark.slow
 def test_vmap_of_grad_mixing_one_and_several_windows():
     # The latent-ODE pattern: a different t1 per batch element, here one window of
     # dt0 = 1 for one element and three for the other.

@@ -145,6 +145,7 @@ def break_method(monkeypatch, module, broken: str, perturbation: float) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_json_and_plot(tmp_path, capsys):
     # `demo` is the default sub-command: no name needed.
     plot = tmp_path / "demo.png"
@@ -187,6 +188,7 @@ def test_demo_does_not_vouch_for_a_grid_too_coarse_to_check(capsys):
 # against the second order it claims: 6.2e-2 at N = 40 (bound 1.5e-2). A relative
 # perturbation of 1e-6 of the field at N = 1000 moves the error from 8.1e-6 to
 # 4.3e-5 (bound 2.4e-5).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "broken, num_steps", [("tilted tableau", 40), ("perturbed field", 1000)]
 )
@@ -213,6 +215,7 @@ def test_every_case_has_a_measured_error():
             assert num_steps in [10 * 2**k for k in range(15)] and error > 0
 
 
+@pytest.mark.slow
 def test_validate_quick(capsys):
     from diffrax_deer._cli.validate import format_table
 
@@ -235,6 +238,7 @@ def test_validate_quick(capsys):
 # On the calibration grid (N0 = 2560) the trapezoid errs by 1.3e-6 (bound 4.0e-6);
 # the tilted tableau by TILTED; a relative perturbation of 1e-5 of the field
 # moves the error to 1.3e-5.
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["tilted tableau", "perturbed field"])
 def test_validate_fails_a_broken_method(broken, monkeypatch):
     from diffrax_deer._cli import validate as _cli_validate

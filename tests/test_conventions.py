@@ -72,6 +72,7 @@ def shapes_and_dtypes(tree):
     return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint", ADJOINTS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("state", EMPTY_STATES)
@@ -90,6 +91,7 @@ def test_empty_state_matches_tsit5(state, method, adjoint):
     assert shapes_and_dtypes(value) == shapes_and_dtypes(expected_value)
 
 
+@pytest.mark.slow
 def test_empty_float32_state_in_float32():
     # `y0=None` flattens to float32 whatever the time dtype; this once gave JAX's
     # "scatter inputs have incompatible types" FutureWarning (an error here, see
@@ -124,6 +126,7 @@ class PyTreeTerm(diffrax.AbstractTerm):
         return {"y": vf["f"] * control["t"]}
 
 
+@pytest.mark.slow
 def test_multi_term_of_pytree_terms_as_diffrax_test_everything_pytree():
     # dy = -0.3 y dt - 0.7 y dt, so y(t) = y(t0) exp(-(t - t0)); solved forwards and
     # backwards in time.
@@ -141,6 +144,7 @@ def test_multi_term_of_pytree_terms_as_diffrax_test_everything_pytree():
         np.testing.assert_allclose(sol.ys["y"], exact, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_control_term_whose_control_is_time_is_an_ode():
     # A vector control (dt, dt, dt) against a 2 x 3 matrix field: y' = -y.
     term = diffrax.ControlTerm(
@@ -179,6 +183,7 @@ def test_control_that_is_not_time_is_refused_with_the_remedy(term):
         )
 
 
+@pytest.mark.slow
 def test_control_term_to_ode_is_solved():
     # The remedy the refusal names: dy = -y dx with x(t) piecewise linear through
     # t^2 at the quarter points, x(1) - x(0) = 1, so y(1) = exp(-1).
@@ -213,6 +218,7 @@ def van_der_pol_solve(method, dtype):
     return sol.result, sol.ys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["trapezoid", "gauss_legendre2"])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision_with_implicit_methods(dtype, method):

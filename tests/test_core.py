@@ -41,6 +41,7 @@ def random_recurrence(num_steps, n, seed):
     return transitions, offsets, initial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_steps, n", [(1, 3), (37, 4), (256, 1), (1000, 5)])
 def test_affine_recurrence_matches_sequential(num_steps, n):
     transitions, offsets, initial = random_recurrence(num_steps, n, seed=num_steps)
@@ -53,6 +54,7 @@ def test_affine_recurrence_matches_sequential(num_steps, n):
     np.testing.assert_array_equal(parallel[0], initial)
 
 
+@pytest.mark.slow
 def test_affine_recurrence_transpose_matches_sequential():
     # Reverse mode through the scan (its transpose) against reverse mode through the
     # sequential loop, for a linear functional of the whole trajectory. Gradients in

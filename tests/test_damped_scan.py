@@ -127,6 +127,7 @@ def solve_embedded(problems, dampings):
     return transitions, offsets, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("diagonal", [False, True], ids=["dense", "diagonal"])
 def test_matches_normal_equations_and_the_recurrence(diagonal):
     # Every (N, n) of SHAPES and four full-size random problems, in one vmapped call.
@@ -220,6 +221,7 @@ def banded_solution(transitions, offsets, damping):
     return d
 
 
+@pytest.mark.slow
 def test_float32_long_sequence_is_stable():
     # N = 1e4 in float32, diagonal (one compilation: the long scan takes long to
     # compile). Each component is its own scalar problem, so the three columns are

@@ -77,6 +77,7 @@ def max_relative_difference(a, b):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_gru_matches_lax_scan(dtype):
     cell, xs, init = gru(dtype), inputs(dtype), jnp.zeros(HIDDEN, dtype)
@@ -91,6 +92,7 @@ def test_gru_matches_lax_scan(dtype):
     assert max_difference(stats.carries, ys_ref / 2) < OUTPUT_FLOOR[dtype]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_gru_gradients_match_lax_scan(dtype):
     # With respect to the cell's weights, `init` and `xs`; measured 8e-16 (float64)
@@ -112,6 +114,7 @@ def lstm_step(cell, carry, x):
     return (h, c), h
 
 
+@pytest.mark.slow
 def test_lstm_tuple_carry_values_and_gradients():
     cell = eqx.nn.LSTMCell(INPUTS, HIDDEN, key=jax.random.key(2))
     xs = inputs()
@@ -149,6 +152,7 @@ class LeakyCell(eqx.Module):
         return {"state": state, "energy": energy}, (state[0], energy)
 
 
+@pytest.mark.slow
 def test_custom_cell_with_pytree_carry_and_inputs():
     keys = jax.random.split(jax.random.key(3), 3)
     cell = LeakyCell(
@@ -182,6 +186,7 @@ def test_custom_cell_with_pytree_carry_and_inputs():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vmap_over_a_batch_and_jvp():
     cell, xs = gru(), inputs(batch=(3,))
     init = 0.1 * jax.random.normal(jax.random.key(4), (3, HIDDEN))
@@ -207,6 +212,7 @@ def test_vmap_over_a_batch_and_jvp():
     assert max_difference(forward(deer_scan), forward(jax.lax.scan)) < 1e-11
 
 
+@pytest.mark.slow
 def test_reverse_and_no_xs():
     cell, xs, init = gru(), inputs(), jnp.zeros(HIDDEN)
     reversed_outputs = run(deer_scan, cell, init, xs, reverse=True)
@@ -247,6 +253,7 @@ def test_warm_start_from_the_previous_carries():
     assert int(same.newton.num_iters) == 1
 
 
+@pytest.mark.slow
 def test_diagonal_jacobian_reaches_the_same_sequence():
     cell, xs, init = gru(hidden=8), inputs(), jnp.zeros(8)
     ys_ref = run(jax.lax.scan, cell, init, xs)[1]
@@ -262,6 +269,7 @@ def test_diagonal_jacobian_reaches_the_same_sequence():
     assert max_difference(ys_diagonal, ys_ref) < 1e-9
 
 
+@pytest.mark.slow
 def test_damping_is_not_used_where_plain_deer_converges():
     # Damping is a rescue from overflow: where plain DEER converges, the same
     # iterations and the same sequence.
@@ -279,6 +287,7 @@ def test_damping_is_not_used_where_plain_deer_converges():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_non_convergence_raises_unless_asked_for_the_status():
     cell, xs, init = gru(), inputs(), jnp.zeros(HIDDEN)
     with pytest.raises(eqx.EquinoxRuntimeError, match="max_iters"):

@@ -16,6 +16,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffrax_deer import DeerSolver, DeerState
 from diffrax_deer._bench.problems import MLPVectorField
@@ -154,6 +155,7 @@ def assert_close_to_reference(ys, ts, tol, t0=T0, t1=T1):
 # ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_saveat_t0_t1_unjitted():
     sol = diffrax.diffeqsolve(
         TERM,
@@ -175,6 +177,7 @@ def test_saveat_t0_t1_unjitted():
     np.testing.assert_allclose(sol.ys[1], jitted_last, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_saveat_ts_on_grid_nodes():
     sol = solve(Y0, K, NODES)
     assert sol.result == diffrax.RESULTS.successful
@@ -215,6 +218,7 @@ def test_saveat_ts_off_grid_is_cubic_hermite():
     assert hermite_error < 0.02 * linear_error, (hermite_error, linear_error)
 
 
+@pytest.mark.slow
 def test_saveat_steps_several_windows():
     sol = multi_window_solution()
     assert sol.result == diffrax.RESULTS.successful
@@ -225,6 +229,7 @@ def test_saveat_steps_several_windows():
     assert_close_to_reference(sol.ys, window_ends, TRAPEZOID_TOL_WINDOW)
 
 
+@pytest.mark.slow
 def test_saveat_dense_evaluate():
     sol = diffrax.diffeqsolve(
         TERM,
@@ -266,6 +271,7 @@ def _summary(t, y, args):
     return jnp.stack([t, jnp.sum(y**2), args * y[0]])
 
 
+@pytest.mark.slow
 def test_saveat_fn():
     sol = diffrax.diffeqsolve(
         TERM,
@@ -283,6 +289,7 @@ def test_saveat_fn():
     np.testing.assert_allclose(sol.ys, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_saveat_subs():
     subs = [
         diffrax.SubSaveAt(t0=True, t1=True),
@@ -327,6 +334,7 @@ def test_saveat_solver_state_single_window():
     assert float(state.residual_norm) < 1e-6
 
 
+@pytest.mark.slow
 def test_solver_state_accumulates_over_windows():
     sol = multi_window_solution()
     state = sol.solver_state
@@ -365,6 +373,7 @@ def flat_field(t, z, args):
     return jnp.concatenate([dy["x"], dy["v"][:, 0], dy["s"][None]])
 
 
+@pytest.mark.slow
 def test_pytree_state_and_args_equal_flat_equivalent():
     y0 = {
         "x": jnp.array([1.0, -0.5]),
@@ -396,6 +405,7 @@ def test_pytree_state_and_args_equal_flat_equivalent():
     np.testing.assert_allclose(tree_sol.ys["s"], flat_sol.ys[:, 5], rtol=1e-11)
 
 
+@pytest.mark.slow
 def test_backwards_in_time_matches_tsit5():
     # Start from the (Tsit5) solution at T1 and integrate back to T0: the solution
     # retraces the forward trajectory. (From Y0 itself the cubic term, which damps
@@ -447,6 +457,7 @@ BATCH_Y0 = jnp.array([[1.0, 0.5], [0.2, -0.7], [-1.2, 0.4]])
 BATCH_K = jnp.array([0.7, 0.1, 1.5])
 
 
+@pytest.mark.slow
 def test_vmap_over_y0():
     batched = jax.jit(jax.vmap(solve_ys, in_axes=(0, None, None)))(
         BATCH_Y0, K, OFF_GRID
@@ -457,6 +468,7 @@ def test_vmap_over_y0():
         )
 
 
+@pytest.mark.slow
 def test_vmap_over_args():
     batched = jax.jit(jax.vmap(solve_ys, in_axes=(None, 0, None)))(
         Y0, BATCH_K, OFF_GRID
@@ -467,6 +479,7 @@ def test_vmap_over_args():
         )
 
 
+@pytest.mark.slow
 def test_vmap_of_grad():
     batched = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(BATCH_Y0, BATCH_K)
     for i in range(len(BATCH_Y0)):
@@ -475,6 +488,7 @@ def test_vmap_of_grad():
         np.testing.assert_allclose(batched[1][i], g_k, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_grad_of_vmap_sum():
     def batch_loss(y0s, k):
         return jnp.sum(jax.vmap(loss, in_axes=(0, None))(y0s, k))
@@ -494,6 +508,7 @@ def test_grad_of_vmap_sum():
 FD_EPS = 1e-5
 
 
+@pytest.mark.slow
 def test_grad_matches_finite_differences():
     g_y0, g_k = grad_loss(Y0, K)
     for i in range(2):
@@ -521,6 +536,7 @@ def multi_window_loss(y0, k, adjoint):
     return jnp.sum(WEIGHTS * sol.ys)
 
 
+@pytest.mark.slow
 def test_grad_several_windows_recursive_checkpoint_and_direct_adjoints():
     def grad_with(adjoint):
         loss_fn = functools.partial(multi_window_loss, adjoint=adjoint)
@@ -541,6 +557,7 @@ def test_grad_several_windows_recursive_checkpoint_and_direct_adjoints():
     np.testing.assert_allclose(g_k, fd_k, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_jvp_forward_mode_matches_finite_differences():
     def solve_fm(y0, k):
         return solve_forward_mode(y0, k, OFF_GRID).ys
@@ -594,6 +611,7 @@ def mlp_loss_tsit5(vector_field):
     return _mlp_loss(vector_field, diffrax.Tsit5(), controller, None)
 
 
+@pytest.mark.slow
 def test_grad_wrt_mlp_parameters():
     mlp = MLPVectorField(state_size=2, width=16, depth=2, key=jax.random.key(0))
     grads = eqx.filter_jit(eqx.filter_grad(mlp_loss_deer))(mlp)
@@ -628,6 +646,7 @@ def test_grad_wrt_mlp_parameters():
     assert jnp.linalg.norm(tsit5_flat) > 1e-2
 
 
+@pytest.mark.slow
 def test_grad_wrt_end_time():
     t1_weights = jnp.array([1.0, -2.0])
 
@@ -661,6 +680,7 @@ def test_grad_wrt_end_time():
 # ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_float32_end_to_end():
     f32 = jnp.float32
     y0, k = Y0.astype(f32), jnp.asarray(K, f32)

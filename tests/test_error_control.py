@@ -71,6 +71,7 @@ def _assert_estimate_within_10x(estimated, true, floor):
     assert np.all((ratios > 0.1) & (ratios < 10)), ratios
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, num_steps",
     [(Trapezoid(), 64), (RadauIIA(stages=3), 16)],
@@ -90,6 +91,7 @@ def test_estimate_within_10x_of_true_error_linear(method, num_steps):
     )
 
 
+@pytest.mark.slow
 def test_estimate_within_10x_of_true_error_van_der_pol():
     ts = jnp.linspace(0.0, 6.0, 33)
     y0 = jnp.array([2.0, 0.0])
@@ -130,6 +132,7 @@ def adaptive_solve(solver, mu, t1, tolerance, save_ts):
     )
 
 
+@pytest.mark.slow
 def test_pid_controller_chooses_windows():
     t1 = jnp.array(20.0)
     save_ts = jnp.linspace(0.0, t1, NUM_SAVES)
@@ -178,6 +181,7 @@ def test_relaxation_jump_gets_short_windows():
     assert np.max(np.abs(np.asarray(sol.ys[:, 0] - reference[:, 0]))) < 1e-3
 
 
+@pytest.mark.slow
 def test_failed_newton_solve_is_rejected_and_retried_shorter():
     # Two Newton iterations are not enough for long windows: those report infinite
     # errors and are retried shorter, until the solve succeeds.
@@ -216,6 +220,7 @@ TOLERANCES = dict(rtol=1e-8, atol=1e-8)
 FIXED_T1 = jnp.array(4.0)
 
 
+@pytest.mark.slow
 def test_fixed_grid_reports_estimate():
     sol = fixed_solve(DeerSolver(8, method=GL3, **TOLERANCES), FIXED_T1, FIXED_T1)
     assert sol.result == diffrax.RESULTS.successful
@@ -231,6 +236,7 @@ def test_fixed_grid_reports_estimate():
     assert float(state.scaled_error) > 10
 
 
+@pytest.mark.slow
 def test_max_error_ratio_fails_a_grid_too_coarse():
     strict = dict(method=GL3, max_error_ratio=10.0, **TOLERANCES)
     coarse = fixed_solve(DeerSolver(8, **strict), FIXED_T1, FIXED_T1)

@@ -48,6 +48,7 @@ def trace_only(fn):
 ONE_ITERATION = DeerSolver(N, max_iters=1, predictor_steps=0)
 
 
+@pytest.mark.slow
 def test_not_converged_result_without_throw():
     sol = deer_solve(ONE_ITERATION, throw=False)
     assert sol.result == diffrax.RESULTS.nonlinear_max_steps_reached
@@ -55,6 +56,7 @@ def test_not_converged_result_without_throw():
     assert float(sol.solver_state.update_norm) > 1.0
 
 
+@pytest.mark.slow
 def test_not_converged_raises_with_throw():
     # DeerSolver's own message, not diffrax's "increase `max_steps`" (which counts
     # windows): what was measured, and the remedies.
@@ -74,6 +76,7 @@ def test_not_converged_raises_with_throw():
     assert "may need to increase `max_steps`" not in message
 
 
+@pytest.mark.slow
 def test_not_converged_message_under_jit_with_deer_adjoint():
     solve = jax.jit(lambda y0: deer_solve(ONE_ITERATION, y0=y0, adjoint=DeerAdjoint()))
     with pytest.raises(RuntimeError, match=r"after 1 iteration \(max_iters=1\)"):
@@ -92,6 +95,7 @@ def blow_up_field(t, y, args):
     return y**2  # y(t) = 1 / (1 - t) from y0 = 1: infinite at t = 1 < T1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vector_field", [log_field, sqrt_field])
 def test_non_finite_vector_field_is_divergence(vector_field):
     sol = deer_solve(
@@ -102,11 +106,13 @@ def test_non_finite_vector_field_is_divergence(vector_field):
     assert np.all(np.isfinite(sol.ys))
 
 
+@pytest.mark.slow
 def test_non_finite_raises_with_throw():
     with pytest.raises(RuntimeError, match="diverged.*damping=True"):
         deer_solve(term=diffrax.ODETerm(log_field), y0=jnp.array([1.0, 0.5]))
 
 
+@pytest.mark.slow
 def test_blow_up_is_not_reported_as_success():
     sol = deer_solve(
         term=diffrax.ODETerm(blow_up_field), y0=jnp.array([1.0, 1.0]), throw=False
@@ -146,6 +152,7 @@ def test_lone_control_term_raises_value_error_at_trace_time():
         trace_only(lambda: deer_solve(term=term))
 
 
+@pytest.mark.slow
 def test_multi_term_of_odes_equals_summed_field():
     def part_a(t, y, args):
         return jnp.stack([1.5 * y[0], -3.0 * y[1]])
@@ -292,6 +299,7 @@ def test_complex_state_raises_value_error():
         trace_only(lambda: deer_solve(term=diffrax.ODETerm(lambda t, y, a: -y), y0=y0))
 
 
+@pytest.mark.slow
 def test_python_nan_in_args_is_divergence():
     # A Python float in `args` is a static argument of the closure-converted field;
     # NaN, never equal to itself, once failed its equality check with a ValueError.

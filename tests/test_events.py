@@ -225,6 +225,7 @@ def tsit5_on_nodes():
     return jax.jit(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "offset, threshold, triggered",
     [(0.0, -100.0, "cross"), (0.0, -1.0, "low"), (0.0, 10.0, "low")],
@@ -289,6 +290,7 @@ def blow_up(t, y, args):
     return y**2  # y(t) = y0 / (1 - y0 t): infinite at t = 1 from y0 = 1
 
 
+@pytest.mark.slow
 def test_windows_after_an_event_do_not_raise():
     # The event (y > 5, at t = 0.8 from y0 = 1) lies in the first of two StepTo
     # windows; the second would run into the blow-up at t = 1 and fail. Batched with

@@ -20,6 +20,7 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["_core", "_methods"])
 def test_pure_jax_layers_import_without_diffrax(layer):
     # Block diffrax, and load the layer without running the package's __init__
@@ -71,6 +72,7 @@ def test_core_imports_nothing_else_of_the_package():
                     pytest.fail(f"{path} imports from outside the core: {node.module}")
 
 
+@pytest.mark.slow
 def test_import_loads_neither_jax_nor_the_command_line():
     code = """
 import sys

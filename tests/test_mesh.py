@@ -67,6 +67,7 @@ def test_equidistribute_splits_the_integral_of_the_density_equally():
     np.testing.assert_allclose(new_ts, [0.0, 1.25, 1.75, 2.25, 2.75, 4.0])
 
 
+@pytest.mark.slow
 def test_adapted_mesh_puts_nodes_where_the_local_error_is():
     ts = jnp.linspace(0.0, 1.0, 17)
     local = jnp.full((16,), 1e-6).at[3].set(1e2)  # one interval far out of tolerance

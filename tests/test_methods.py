@@ -200,6 +200,7 @@ def order_study(name):
     return errors, slope, np.asarray(successful), np.asarray(state.max_num_iters)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_convergence_order(name):
     errors, slope, successful, max_num_iters = order_study(name)
@@ -211,6 +212,7 @@ def test_convergence_order(name):
     assert np.all(errors > 1e-13), errors  # stayed above round-off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, num_steps", [("gauss_legendre3", (6, 12, 24)), ("radau_iia3", (8, 16, 32))]
 )
@@ -376,6 +378,7 @@ def lv_sequential(name):
     return np.asarray(solve())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPLICIT_METHODS))
 def test_explicit_map_equals_sequential(name):
     ys, _, _, state = lv_forward(name)
@@ -388,6 +391,7 @@ def test_explicit_map_equals_sequential(name):
     assert np.all(state.max_num_iters <= 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPLICIT_METHODS))
 def test_explicit_dense_output_equals_sequential(name):
     # Between nodes the value comes from the solver's own local interpolation (e.g.
@@ -405,6 +409,7 @@ def test_explicit_dense_output_equals_sequential(name):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_forward_mode_matches_finite_differences(name):
     _, jac_forward, jac_fd, state = lv_forward(name)
@@ -416,6 +421,7 @@ def test_forward_mode_matches_finite_differences(name):
     assert np.all(state.max_num_iters <= 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_reverse_mode_matches_forward_mode(name):
     _, jac_forward, jac_fd, _ = lv_forward(name)
@@ -492,6 +498,7 @@ def stiff_solve(method, num_steps, dt0):
     return sol.ys, sol.result, sol.solver_state
 
 
+@pytest.mark.slow
 def test_stiff_backward_euler():
     # The initial layer (time scale 1 / (3 mu)) is not resolved by h = 0.25 or 1; the
     # L-stable method damps it and then follows the slow manifold, where its error is
@@ -515,6 +522,7 @@ def test_stiff_backward_euler():
     assert 3.5 < errors[0] / errors[1] < 4.5
 
 
+@pytest.mark.slow
 def test_stiff_radau_iia():
     ys, result, state = jit(stiff_solve, static_argnums=(0, 1))(
         RadauIIA(stages=3), 500, STIFF_T1
@@ -618,6 +626,7 @@ def detest_solve(field):
     return solve
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DETEST))
 def test_detest_gauss_legendre3(name):
     field, y0, windows = DETEST[name]

@@ -60,6 +60,7 @@ def solve_final(field, y0, jacobian, method, damping=False):
     return sol.ys, sol.solver_state
 
 
+@pytest.mark.slow
 def test_diagonal_agrees_with_full_on_64_state_neural_field():
     field = neural_field(64)
     y0 = jax.random.normal(jax.random.key(1), (64,))
@@ -73,6 +74,7 @@ def test_diagonal_agrees_with_full_on_64_state_neural_field():
     assert float(state_diagonal.residual_norm) < 1e-10
 
 
+@pytest.mark.slow
 def test_diagonal_agrees_with_full_for_collocation():
     # Stages decouple per component into s x s systems.
     method = GaussLegendre(stages=2)
@@ -84,6 +86,7 @@ def test_diagonal_agrees_with_full_for_collocation():
     assert float(state.residual_norm) < 1e-10
 
 
+@pytest.mark.slow
 def test_diagonal_gradient_is_exact():
     # The derivative rule is exact in both modes (the tangent recurrence uses the
     # full Jacobians at the solution): gradients equal the full mode's and finite
@@ -127,6 +130,7 @@ def _compiled_memory_over_trajectory(size, jacobian):
     return used / ((num_steps + 1) * size * 4)
 
 
+@pytest.mark.slow
 def test_diagonal_memory_is_linear_in_state_size():
     # The diagonal mode never forms N x n x n: at n = 256 it needs a small multiple
     # of the trajectory (measured 6.9x; the floor is 10x); the full mode
@@ -140,6 +144,7 @@ def test_diagonal_memory_is_linear_in_state_size():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lorenz_long_window_reports_failure_without_nan():
     # Lorenz on [0, 20] with dt = 0.001 in one window: Newton does not converge in
     # 30 iterations. With damping it must say so (not NaN), with its statistics.
@@ -162,6 +167,7 @@ def test_lorenz_long_window_reports_failure_without_nan():
     assert float(state.residual_norm) > 0
 
 
+@pytest.mark.slow
 def test_lorenz_in_unit_windows_matches_tsit5():
     # Windows of length 1 are short enough for Newton: the result is the sequential
     # trapezoidal solution on the same grid, and follows Tsit5 to the trapezoid's
@@ -197,6 +203,7 @@ def blowing_up(t, y, args):
     return y**2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damping", [False, True])
 def test_overflow_is_reported_not_nan(damping):
     solver = DeerSolver(num_steps=100, damping=damping, max_iters=20, predictor_steps=0)
@@ -220,6 +227,7 @@ def test_overflow_is_reported_not_nan(damping):
         )
 
 
+@pytest.mark.slow
 def test_damping_costs_nothing_when_newton_converges():
     # Damping only starts after a non-finite step: a solve that plain Newton
     # converges takes the very same iterations and gives the same answer.
@@ -252,6 +260,7 @@ def ghost_network(t, y, args):
     return jnp.stack([dx, 100.0 * (jnp.tanh(x) - z)])
 
 
+@pytest.mark.slow
 def test_damping_converges_where_plain_deer_overflows():
     t1, num_steps = 1500.0, 1500
     y0 = jnp.zeros(2)
@@ -343,6 +352,7 @@ def bistable_network(t, y, args):
     return 3.0 * jnp.tanh(weights_in @ y) - y
 
 
+@pytest.mark.slow
 def test_damping_keeps_a_converging_float32_solve_whose_residual_overflows():
     # Plain DEER converges here in float32 although its intermediate residuals
     # square to infinity; damping must not take that for a failure.
@@ -392,6 +402,7 @@ def _solve_lorenz_in_units(scale):
     return sol.ys / scale, sol.solver_state.num_iters, sol.result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_default_tolerances_are_scale_invariant(dtype):
     # With an absolute default atol, a state far below it passed the test after one
@@ -434,6 +445,7 @@ def _solve_cubic_decay(y0, *, rtol, atol):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rtol, atol", [(1e-10, 0.0), (0.0, 1e-10), (1e-10, None)])
 def test_pure_relative_and_pure_absolute_tolerances(rtol, atol):
     # atol = 0: the component that stays at zero has a zero scale and a zero update,
@@ -465,6 +477,7 @@ def round_off_driven(t, y, args):
     )
 
 
+@pytest.mark.slow
 def test_default_atol_ignores_a_component_at_round_off():
     ts = jnp.linspace(0.0, 5.0, 501)
     guess = jnp.broadcast_to(jnp.array([1.0, 1.0, 0.0]), (501, 3))

@@ -54,6 +54,7 @@ def run_in_quick_mode(path, monkeypatch):
     return text, len(images)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     bool(MISSING),
     reason=f'{", ".join(MISSING)} not installed (pip install -e ".[dev]")',
@@ -76,6 +77,7 @@ TRAINING_NOTEBOOKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     bool(MISSING_TRAINING),
     reason=f'{", ".join(MISSING_TRAINING)} not installed (pip install -e ".[dev]")',

@@ -125,6 +125,7 @@ def test_old_predictor_was_sequential_in_the_grid():
     assert 2000 in [loop.length for loop in _loops(solve, "forward")]
 
 
+@pytest.mark.slow
 def test_levels_on_a_non_uniform_grid():
     # Nested iteration on a graded grid (denser towards t = 10), with ratio 4 so
     # that two DEER levels fit in N = 2000 (125, 500): each level converges, the

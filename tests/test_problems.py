@@ -10,6 +10,7 @@ import pytest
 from diffrax_deer._bench.problems import PROBLEM_NAMES, get_problem
 
 
+@pytest.mark.slow
 def test_every_field_keeps_its_dtype_under_strict_promotion():
     # Traced only (`eval_shape`): promotion errors are raised at trace time.
     for name in PROBLEM_NAMES:

@@ -38,6 +38,7 @@ def scans():
     return run_group("scans")
 
 
+@pytest.mark.slow
 def test_sharded_scans_equal_single_device(scans):
     # Affine (full and diagonal) values and gradients in every input, and the damped
     # scan at two dampings, N + 1 = 38 nodes on 8 devices (padded to 40).
@@ -47,6 +48,7 @@ def test_sharded_scans_equal_single_device(scans):
         assert error <= 1e-12, (name, error)
 
 
+@pytest.mark.slow
 def test_sharded_scans_move_bytes_independent_of_length(scans):
     # The compiled program at 104 and 208 nodes: the same collectives, O(P n^2).
     small, large = scans["traffic"]["104"], scans["traffic"]["208"]

@@ -4,6 +4,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffrax_deer import DeerSolver, DeerState
 
@@ -33,6 +34,7 @@ def solve(strength, solver_state=None, t1=5.0):
     return sol.ys, sol.solver_state
 
 
+@pytest.mark.slow
 def test_resolving_the_same_problem_takes_at_most_two_iterations():
     ys_cold, state = solve(1.0)
     assert int(state.num_iters) > 5
@@ -41,6 +43,7 @@ def test_resolving_the_same_problem_takes_at_most_two_iterations():
     np.testing.assert_allclose(ys_warm, ys_cold, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_warm_start_after_a_parameter_step_needs_fewer_iterations():
     # As in training: the parameters moved a little since the last solve.
     _, state = solve(1.0)
@@ -50,6 +53,7 @@ def test_warm_start_after_a_parameter_step_needs_fewer_iterations():
     np.testing.assert_allclose(ys_warm, ys_cold, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_a_state_from_another_window_is_not_used():
     # The stored trajectory belongs to [0, 5]; a solve over [0, 4] starts cold.
     _, state = solve(1.0)
@@ -104,6 +108,7 @@ def cold_state(num_steps=200):
     )
 
 
+@pytest.mark.slow
 def test_warm_start_after_a_large_parameter_change_costs_no_more_than_cold():
     # Van der Pol's mu from 1 to 4: the stored trajectory is far worse than the
     # predictor (it took 18 iterations from it against 3 cold), so the predictor is
