@@ -1,12 +1,13 @@
 """Cold start: how DeerSolver's Newton iteration depends on its initial guess.
 
 One window of N = 1e4 trapezoid intervals in float64, `max_iters=50`,
-`throw=False`, with the guess from `predictor_steps` sequential RK4 steps
-(interpolated onto the grid) or, for `predictor_steps=0`, the constant y0 at every
-node. For each problem and predictor: Newton iterations, the outcome (converged,
-max iters = `max_iters` reached, diverged = something became non-finite), the max
-error at 101 save times against Tsit5 with rtol = atol = 1e-12, and the run time
-(median of `--repeats` jitted calls after the first).
+`throw=False`, with the guess from the nested predictor on a base grid of
+`predictor_steps` sequential steps (RK4, or ROS2 where RK4 is not finite; each
+coarser DEER level interpolated onto the next) or, for `predictor_steps=0`, the
+constant y0 at every node. For each problem and predictor: Newton iterations, the
+outcome (converged, max iters = `max_iters` reached, diverged = something became
+non-finite), the max error at 101 save times against Tsit5 with rtol = atol =
+1e-12, and the run time (median of `--repeats` jitted calls after the first).
 
     python benchmarks/cold_start.py --markdown /tmp/bench_cold_start.md
 """
@@ -150,9 +151,9 @@ def to_markdown(
         "# Cold start: Newton iterations against the predictor\n\n"
         f"{timing.machine_header(info)}\n\n"
         f"DeerSolver(num_steps={num_steps}, max_iters={MAX_ITERS}), one window, "
-        "float64, `throw=False`. The guess is `predictor_steps` sequential RK4 "
-        "steps interpolated onto the grid (`0` = the constant y0 at every node; "
-        "a non-finite coarse solve falls back to it). Outcome: converged, max "
+        "float64, `throw=False`. The guess is the nested predictor on a base grid "
+        "of `predictor_steps` sequential steps (`0` = the constant y0 at every "
+        "node; a non-finite coarse solve falls back to it). Outcome: converged, max "
         f"iters ({MAX_ITERS} reached), or diverged (non-finite iterate). Max err: "
         f"largest absolute error at {NUM_SAVES} save times against Tsit5 with "
         "rtol = atol = 1e-12 (the trapezoid's own discretisation error when "

@@ -5,7 +5,7 @@
 #   pip download --no-deps --only-binary=:all: -d .whl \
 #     diffrax==0.7.2 equinox==0.13.8 lineax==0.1.1 optimistix==0.1.0
 # ), puts src/ on the path, and writes each stage's table and log to $OUT.
-# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling gru gru6
+# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling gru gru6 vspaper depth coldstart
 set -u
 OUT=${OUT:-benchmark-results}
 mkdir -p "$OUT"
@@ -34,6 +34,11 @@ for stage in "$@"; do
     gru) PYTHONPATH=$PYTHONPATH:${PEERS:-$PWD/../shared/peers} $py benchmarks/gru.py --max-jacobian-gib 24 --markdown $OUT/gru.md --json $OUT/gru.json 2>&1 | tee $OUT/gru.log | tail -30 ;;
     gru6) PYTHONPATH=$PYTHONPATH:${PEERS:-$PWD/../shared/peers} $py benchmarks/gru.py --lengths 1e6 --hidden 1,4,8 --repeats 3 --max-jacobian-gib 24 --markdown $OUT/gru6.md --json $OUT/gru6.json 2>&1 | tee $OUT/gru6.log | tail -12 ;;
     gru-quick) $py benchmarks/gru.py --quick 2>&1 | tail -8 ;;
+    # Issue 13: the paper's solve_ivp side by side (when ../shared/peers has it),
+    # the sequential depth for N = 1e3-1e6, and the cold starts.
+    vspaper) PYTHONPATH=$PYTHONPATH:${PEERS:-$PWD/../shared/peers} $py benchmarks/vs_paper.py --markdown $OUT/vs_paper.md --json $OUT/vs_paper.json 2>&1 | tee $OUT/vs_paper.log | tail -45 ;;
+    depth) $py benchmarks/depth.py --markdown $OUT/depth.md --json $OUT/depth.json 2>&1 | tee $OUT/depth.log | tail -16 ;;
+    coldstart) $py benchmarks/cold_start.py --markdown $OUT/cold_start.md --json $OUT/cold_start.json 2>&1 | tee $OUT/cold_start.log | tail -45 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
