@@ -25,7 +25,7 @@ from .._core.predictor import COARSENING, default_predictor_steps
 from .._core.sharded_scan import check_time_mesh
 from .._core.validation import as_python_scalar, check_integer, check_tolerance
 from .._core.window import solve_window
-from .._methods.collocation import RadauIIA
+from .._methods.collocation import AbstractCollocation, RadauIIA
 from .._methods.theta_method import Trapezoid
 from .context import check_event_support, enclosing_diffeqsolve
 from .dense import warn_if_dense_buffers_are_large
@@ -332,7 +332,7 @@ class DeerSolver(AbstractImplicitSolver):
         here and `error_estimate=True` or `adapt_mesh=True` is refused. The
         predictor runs on the whole window on every device (`predictor_steps=0`
         skips it). `None` (the default): one device, the program unchanged. See
-        [Scaling out](../how-it-works.md#scaling-out).
+        [Scaling out](../how-it-works.md#scaling-out-several-devices).
     """
 
     num_steps: int | None = _option(default=None)
@@ -389,6 +389,23 @@ class DeerSolver(AbstractImplicitSolver):
                 "re-meshing it drives) over the devices: pass "
                 "`error_estimate=False` and `adapt_mesh=False` (the defaults with "
                 "a mesh), or `mesh=None`."
+            )
+
+    def _check_mesh_adjoint(self, context) -> None:
+        if (
+            self.mesh is not None
+            and context is not None
+            and context.deer_adjoint
+            and isinstance(self.method, AbstractCollocation)
+        ):
+            # Reverse mode through DeerAdjoint's checkpointed loop traces a JVP of
+            # the split Newton loop for these methods, which fails inside JAX.
+            raise ValueError(
+                "`DeerSolver(mesh=...)` with a collocation method (stage unknowns: "
+                f"{type(self.method).__name__}) does not run under `DeerAdjoint` "
+                "yet: use diffrax's default adjoint, a method without stages "
+                "(`Trapezoid()`, `BackwardEuler()`, an explicit Runge-Kutta "
+                "solver), or `mesh=None`."
             )
 
     @property
@@ -634,6 +651,7 @@ class DeerSolver(AbstractImplicitSolver):
         context = enclosing_diffeqsolve()
         check_event_support(context)
         check_terms(terms)
+        self._check_mesh_adjoint(context)
         y0_flat, unravel = ravel(y0)
         _check_solver_state(solver_state, self.intervals, y0_flat, t0)
         if y0_flat.size == 0:

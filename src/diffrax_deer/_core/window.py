@@ -182,12 +182,19 @@ def _solve_window(
     )
 
 
+@eqx.filter_custom_jvp
 def _newton_on_blocks(
     vector_field, ts, guess, guess_stages, used_guess, args, config, newton_options
 ):
     """Newton on the padded window, split over the mesh's `"time"` axis: the
     stage unknowns, residuals and linearisations of each device's block of nodes
-    computed there, the recurrences by the sharded scans; the padding cut off."""
+    computed there, the recurrences by the sharded scans; the padding cut off.
+
+    Its own derivative is zero (`_no_tangents`): the window's is the implicit
+    one of `_solve_window_jvp`. Without that wall, transforming that rule (as
+    equinox's checkpointed loops do to find what is perturbed) traced a JVP of
+    Newton's loop through `shard_map`, whose symbolic-zero tangents the JVP of
+    the norms' two-output `lax.reduce` cannot take."""
     blocks = _node_blocks(config, ts)
     padded_ts, padded_guess = blocks.pad_times(ts), blocks.pad_nodes(guess)
     stages = blocks.init_stages(vector_field, padded_ts, padded_guess, args)
@@ -201,6 +208,13 @@ def _newton_on_blocks(
         vector_field, blocks, padded_ts, padded_guess, stages, args, **newton_options
     )
     return blocks.unpad_nodes(ys), blocks.unpad_intervals(stages), stats
+
+
+@_newton_on_blocks.def_jvp
+def _no_tangents(primals, tangents):
+    del tangents
+    out = _newton_on_blocks(*primals)
+    return out, jax.custom_derivatives.zero_from_primal(out, symbolic_zeros=True)
 
 
 @_solve_window.def_jvp
@@ -260,6 +274,18 @@ def _solve_window_jvp(primals, tangents):
         t_stages = discretisation.unpad_intervals(t_stages)
     t_stats = jax.custom_derivatives.zero_from_primal(stats, symbolic_zeros=True)
     return (ys, stages, stats), (t_ys, t_stages, t_stats)
+
+
+def _check_split_grid(ts, mesh: Mesh | None) -> None:
+    if mesh is None:
+        return
+    check_time_mesh(mesh)
+    if not eqx.is_array(ts):
+        raise ValueError(
+            "`solve_window(mesh=...)` splits a grid of times: `ts` must be an "
+            "array of nodes (a recurrence's step inputs are not split; call it "
+            "without `mesh`)."
+        )
 
 
 def solve_window(
@@ -344,14 +370,7 @@ def solve_window(
             "`solve_window` needs a `guess` when `ts` is not a grid of times: the "
             "predictor integrates an ODE."
         )
-    if mesh is not None:
-        check_time_mesh(mesh)
-        if not eqx.is_array(ts):
-            raise ValueError(
-                "`solve_window(mesh=...)` splits a grid of times: `ts` must be an "
-                "array of nodes (a recurrence's step inputs are not split; call "
-                "it without `mesh`)."
-            )
+    _check_split_grid(ts, mesh)
     first_point = jtu.tree_map(lambda t: t[0], ts)
     # Closed-over arrays (e.g. a network's weights) become explicit inputs, so that
     # the custom derivative sees, and differentiates, them.
