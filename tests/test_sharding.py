@@ -12,7 +12,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+
+from diffrax_deer import DeerSolver
 
 
 SCRIPT = pathlib.Path(__file__).with_name("multidevice.py")
@@ -56,3 +60,79 @@ def test_sharded_scans_move_bytes_independent_of_length(scans):
     for name, num_bytes in small.items():
         # P = 8 blocks, n = 3: a handful of P n^2 float64 transfers at most.
         assert 0 < num_bytes <= 16 * 8 * 9 * 8, (name, num_bytes)
+
+
+@pytest.fixture(scope="module")
+def solver():
+    return run_group("solver")
+
+
+def test_deer_solver_on_a_time_mesh_equals_single_device(solver):
+    # The trapezoidal rule under DeerAdjoint and under diffrax's default adjoint:
+    # value and gradients in y0 and args, two windows of 38 nodes on 8 devices.
+    errors = solver["errors"]
+    assert len(errors) == 2 * 3
+    for name, error in errors.items():
+        assert error <= 1e-12, (name, error)
+
+
+def test_stage_unknowns_on_a_time_mesh_equal_single_device(solver):
+    # Radau IIA, quasi-DEER (diagonal Jacobians), 33 nodes (one block all
+    # padding): the window solve's nodes and stages, and its gradient.
+    errors = solver["stage_errors"]
+    assert len(errors) == 4
+    for name, error in errors.items():
+        assert error <= 1e-12, (name, error)
+
+
+def test_stage_methods_on_a_time_mesh_under_deer_adjoint_are_refused(solver):
+    message = solver["refused"]
+    assert "DeerAdjoint" in message and "default adjoint" in message, message
+
+
+def test_deer_solver_on_a_time_mesh_moves_bytes_independent_of_length(solver):
+    # The compiled gradient at 104 and 208 nodes: the same collectives.
+    small, large = solver["traffic"]["103"], solver["traffic"]["207"]
+    assert small == large
+    assert len(small["loop_bytes"]) >= 1
+    # P = 8 blocks, n = 3: the scans gather a few (A, b) per block (P (n^2 + n)
+    # values each), and a block's neighbour sends a node: O(P n^2) in all.
+    assert 0 < small["total_bytes"] <= 16 * 8 * (9 + 3) * 8, small
+
+
+def test_batch_split_over_devices_equals_one_device(solver):
+    # jax.vmap over 8 initial values split over 8 devices: DeerSolver with
+    # DeerAdjoint, and deer_scan, values and gradients.
+    errors = solver["batch"]["errors"]
+    assert len(errors) == 2 * 3
+    for name, error in errors.items():
+        assert error <= 1e-12, (name, error)
+    # Each device holds its own initial value's result.
+    for name, shards in solver["batch"]["shards"].items():
+        assert shards == [[1]] * 8, (name, shards)
+
+
+def _one_device_mesh(axis: str):
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]), (axis,))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(num_steps=8, mesh="time"), "jax.sharding.Mesh"),
+        (dict(num_steps=8, mesh=_one_device_mesh("batch")), "axis named 'time'"),
+        (dict(mesh=_one_device_mesh("time")), "num_steps"),
+        (
+            dict(num_steps=8, mesh=_one_device_mesh("time"), error_estimate=True),
+            "error_estimate=False",
+        ),
+        (
+            dict(num_steps=8, mesh=_one_device_mesh("time"), adapt_mesh=True),
+            "adapt_mesh=False",
+        ),
+    ],
+    ids=["not-a-mesh", "no-time-axis", "no-grid", "error-estimate", "re-meshing"],
+)
+def test_unsupported_meshes_are_refused_with_the_remedy(options, match):
+    with pytest.raises(ValueError, match=match):
+        DeerSolver(**options)

@@ -15,15 +15,17 @@ from diffrax import RESULTS, AbstractImplicitSolver, AbstractTerm
 # adaptive step-size controller"; `diffeqsolve` replaces it (pinned: diffrax 0.7).
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import WrapTerm
+from jax.sharding import Mesh
 from jaxtyping import Array, Inexact, Int, PyTree, Real
 
 from .._core import mesh as _mesh
 from .._core.discretisation import AbstractDiscretisation, JacobianMode
 from .._core.error_estimate import ErrorEstimate, estimate_error, local_errors
 from .._core.predictor import COARSENING, default_predictor_steps
+from .._core.sharded_scan import check_time_mesh
 from .._core.validation import as_python_scalar, check_integer, check_tolerance
 from .._core.window import solve_window
-from .._methods.collocation import RadauIIA
+from .._methods.collocation import AbstractCollocation, RadauIIA
 from .._methods.theta_method import Trapezoid
 from .context import check_event_support, enclosing_diffeqsolve
 from .dense import warn_if_dense_buffers_are_large
@@ -308,6 +310,7 @@ class DeerSolver(AbstractImplicitSolver):
         adaptive controller's, or the RMS norm.
     - `error_estimate`: whether to estimate each window's error (one more Newton
         solve, on half the intervals). Without it adaptive controllers are refused.
+        `None` (the default): on, except with a `mesh`.
     - `max_error_ratio`: with tolerances, a window whose estimated error exceeds
         this many times the tolerance makes the solve fail with
         `RESULTS.dt_min_reached` (on fixed windows, which cannot be shortened);
@@ -315,6 +318,21 @@ class DeerSolver(AbstractImplicitSolver):
     - `adapt_mesh`: whether a window out of tolerance is solved again on a mesh
         adapted to its local errors (at most twice); `None`: with `num_steps` unset.
         The mesh is held fixed when differentiating.
+    - `mesh`: a `jax.sharding.Mesh` with an axis named `"time"`, e.g.
+        `jax.sharding.Mesh(jax.devices(), ("time",))`, splits each window's
+        `num_steps + 1` nodes into one block per device of that axis (padded to a
+        multiple of them; the padding is inert). Each device computes the
+        residuals and linearisations of its own nodes, and every recurrence
+        (each Newton step's, diagonal or damped too, the tangent's for `jax.jvp`
+        and its transpose for `jax.grad`, with `DeerAdjoint` or diffrax's
+        adjoints) is a local scan per device and a scan over the $P$ blocks'
+        composed maps, so $O(P n^2)$ values move per Newton iteration whatever
+        `num_steps`. The result equals the one-device solve to round-off. Needs
+        `num_steps`; the error estimate is not split, so it is off by default
+        here and `error_estimate=True` or `adapt_mesh=True` is refused. The
+        predictor runs on the whole window on every device (`predictor_steps=0`
+        skips it). `None` (the default): one device, the program unchanged. See
+        [Scaling out](../how-it-works.md#scaling-out-several-devices).
     """
 
     num_steps: int | None = _option(default=None)
@@ -330,9 +348,10 @@ class DeerSolver(AbstractImplicitSolver):
         static=True, default=None, converter=_as_method
     )
     norm: Any = None
-    error_estimate: bool = _option(default=True)
+    error_estimate: bool | None = _option(default=None)
     max_error_ratio: float | None = _option(default=None)
     adapt_mesh: bool | None = _option(default=None)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
     term_structure: ClassVar = AbstractTerm
 
@@ -344,6 +363,9 @@ class DeerSolver(AbstractImplicitSolver):
             self.method = Trapezoid() if self.num_steps is not None else _DEFAULT_METHOD
         if self.adapt_mesh is None:
             self.adapt_mesh = self.num_steps is None
+        if self.error_estimate is None:
+            # The estimate's coarse solve is not split over a mesh's devices.
+            self.error_estimate = self.mesh is None
         if self.num_steps is None:
             if self.rtol is None:
                 self.rtol = use_stepsize_tol
@@ -351,6 +373,40 @@ class DeerSolver(AbstractImplicitSolver):
                 self.atol = use_stepsize_tol
         if self.norm is None and _from_controller(self.rtol, self.atol):
             self.norm = use_stepsize_tol
+
+    def _check_mesh(self) -> None:
+        check_time_mesh(self.mesh)
+        if self.num_steps is None:
+            raise ValueError(
+                "`DeerSolver(mesh=...)` splits each window's grid over the devices: "
+                "pass `num_steps=N` (the intervals per window). Adaptive windows "
+                "(`num_steps=None`) need the error estimate, which is not split "
+                "over devices; use `mesh=None` for them."
+            )
+        if self.error_estimate or self.adapt_mesh:
+            raise ValueError(
+                "`DeerSolver(mesh=...)` does not split the error estimate (or the "
+                "re-meshing it drives) over the devices: pass "
+                "`error_estimate=False` and `adapt_mesh=False` (the defaults with "
+                "a mesh), or `mesh=None`."
+            )
+
+    def _check_mesh_adjoint(self, context) -> None:
+        if (
+            self.mesh is not None
+            and context is not None
+            and context.deer_adjoint
+            and isinstance(self.method, AbstractCollocation)
+        ):
+            # Reverse mode through DeerAdjoint's checkpointed loop traces a JVP of
+            # the split Newton loop for these methods, which fails inside JAX.
+            raise ValueError(
+                "`DeerSolver(mesh=...)` with a collocation method (stage unknowns: "
+                f"{type(self.method).__name__}) does not run under `DeerAdjoint` "
+                "yet: use diffrax's default adjoint, a method without stages "
+                "(`Trapezoid()`, `BackwardEuler()`, an explicit Runge-Kutta "
+                "solver), or `mesh=None`."
+            )
 
     @property
     def root_finder(self) -> "DeerSolver":  # pyright: ignore
@@ -374,6 +430,8 @@ class DeerSolver(AbstractImplicitSolver):
         )
 
     def __check_init__(self):
+        if self.mesh is not None:
+            self._check_mesh()
         if self.num_steps is not None:
             check_integer(
                 "`DeerSolver(num_steps=...)`",
@@ -593,6 +651,7 @@ class DeerSolver(AbstractImplicitSolver):
         context = enclosing_diffeqsolve()
         check_event_support(context)
         check_terms(terms)
+        self._check_mesh_adjoint(context)
         y0_flat, unravel = ravel(y0)
         _check_solver_state(solver_state, self.intervals, y0_flat, t0)
         if y0_flat.size == 0:
@@ -736,6 +795,7 @@ class DeerSolver(AbstractImplicitSolver):
             predictor_steps=predictor_steps,
             predictor_coarsening=self.predictor_coarsening,
             damping=self.damping,
+            mesh=self.mesh,
             **newton,
         )
         if self.error_estimate and ts.shape[0] > 2:

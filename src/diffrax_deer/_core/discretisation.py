@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact, PyTree, Real
 
+from .damped_scan import solve_damped_recurrence
 from .scan import solve_affine_recurrence
 
 
@@ -158,12 +159,26 @@ class AbstractLinearisation(eqx.Module):
         del rhs, delta_ys
         return None
 
+    def recurrence(
+        self, offsets: Inexact[Array, "steps n"], initial: Inexact[Array, " n"]
+    ) -> Inexact[Array, "nodes n"]:
+        r"""$d_{i+1} = A_i d_i + b_i$ from $d_0$ = `initial`, for all $i$ at once
+        (see [`diffrax_deer.solve_affine_recurrence`][])."""
+        return solve_affine_recurrence(self.transitions, offsets, initial)
+
+    def damped_recurrence(
+        self, offsets: Inexact[Array, "steps n"], damping: Real[Array, ""]
+    ) -> Inexact[Array, "nodes n"]:
+        r"""The Levenberg-Marquardt-damped solution of $d_{i+1} = A_i d_i + b_i$,
+        $d_0 = 0$ (see [`diffrax_deer.solve_damped_recurrence`][])."""
+        return solve_damped_recurrence(self.transitions, offsets, damping)
+
     def solve(
         self, rhs: Residual, initial: Inexact[Array, " n"]
     ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None]:
         """Returns the node update (shape `(N + 1, n)`, starting at `initial`) and
         the stage update (or `None`)."""
-        delta_ys = solve_affine_recurrence(self.transitions, self.offsets(rhs), initial)
+        delta_ys = self.recurrence(self.offsets(rhs), initial)
         return delta_ys, self.stage_update(rhs, delta_ys)
 
 

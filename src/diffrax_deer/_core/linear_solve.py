@@ -78,9 +78,23 @@ def _inverse_gauss_jordan_loop(
     return augmented[:, :, size:]
 
 
+def _inverse_lu(matrix: Inexact[Array, "m m"]) -> Inexact[Array, "m m"]:
+    # JAX's own LU, which `lineax.LU` runs.
+    factors = jax.scipy.linalg.lu_factor(matrix)
+    return jax.scipy.linalg.lu_solve(
+        factors, jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+    )
+
+
 def _inverse_lineax(
     matrices: Inexact[Array, "steps m m"],
 ) -> Inexact[Array, "steps m m"]:
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        # Inside `shard_map` (a window split over devices): lineax checks its
+        # operands' types against their structure, shardings included, which
+        # every value there fails.
+        return jax.vmap(_inverse_lu)(matrices)
+
     def invert(matrix):
         operator = lx.MatrixLinearOperator(matrix)
         factorisation = lx.LU().init(operator, {})

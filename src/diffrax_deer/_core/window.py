@@ -5,6 +5,7 @@ import jax
 import jax.custom_derivatives
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Inexact, PyTree, Real
 
 from .discretisation import (
@@ -15,7 +16,9 @@ from .discretisation import (
 )
 from .newton import NewtonStats, newton_solve
 from .newton.norms import residual_norm
+from .node_blocks import NodeBlocks
 from .predictor import COARSENING, constant_guess, predict_trajectory
+from .sharded_scan import check_time_mesh
 
 
 class _WindowConfig(eqx.Module):
@@ -25,6 +28,13 @@ class _WindowConfig(eqx.Module):
     predictor_coarsening: int | None = eqx.field(static=True)
     jacobian: JacobianMode = eqx.field(static=True)
     damping: bool = eqx.field(static=True)
+    # With a mesh, Newton and the tangent run on the padded window split over its
+    # "time" axis (`NodeBlocks`); the predictor runs on the whole window.
+    mesh: Mesh | None = eqx.field(static=True, default=None)
+
+
+def _node_blocks(config: _WindowConfig, ts: Array) -> NodeBlocks:
+    return NodeBlocks(config.discretisation, config.mesh, ts.shape[0] - 1)
 
 
 def _is_none(x) -> bool:
@@ -143,25 +153,68 @@ def _solve_window(
     else:
         used_guess = jnp.array(True)
     guess = guess.at[0].set(y0)
-    stages = discretisation.init_stages(vector_field, ts, guess, args)
-    if guess_stages is not None:
-        stages = jtu.tree_map(
-            lambda given, made: jnp.where(used_guess, given, made), guess_stages, stages
-        )
     rtol, atol = tolerances
-    return newton_solve(
-        vector_field,
-        discretisation,
-        ts,
-        guess,
-        stages,
-        args,
+    newton_options = dict(
         rtol=rtol,
         atol=atol,
         max_iters=config.max_iters,
         jacobian=config.jacobian,
         damping=config.damping,
     )
+    if config.mesh is not None:
+        return _newton_on_blocks(
+            vector_field,
+            ts,
+            guess,
+            guess_stages,
+            used_guess,
+            args,
+            config,
+            newton_options,
+        )
+    stages = discretisation.init_stages(vector_field, ts, guess, args)
+    if guess_stages is not None:
+        stages = jtu.tree_map(
+            lambda given, made: jnp.where(used_guess, given, made), guess_stages, stages
+        )
+    return newton_solve(
+        vector_field, discretisation, ts, guess, stages, args, **newton_options
+    )
+
+
+@eqx.filter_custom_jvp
+def _newton_on_blocks(
+    vector_field, ts, guess, guess_stages, used_guess, args, config, newton_options
+):
+    """Newton on the padded window, split over the mesh's `"time"` axis: the
+    stage unknowns, residuals and linearisations of each device's block of nodes
+    computed there, the recurrences by the sharded scans; the padding cut off.
+
+    Its own derivative is zero (`_no_tangents`): the window's is the implicit
+    one of `_solve_window_jvp`. Without that wall, transforming that rule (as
+    equinox's checkpointed loops do to find what is perturbed) traced a JVP of
+    Newton's loop through `shard_map`, whose symbolic-zero tangents the JVP of
+    the norms' two-output `lax.reduce` cannot take."""
+    blocks = _node_blocks(config, ts)
+    padded_ts, padded_guess = blocks.pad_times(ts), blocks.pad_nodes(guess)
+    stages = blocks.init_stages(vector_field, padded_ts, padded_guess, args)
+    if guess_stages is not None:
+        stages = jtu.tree_map(
+            lambda given, made: jnp.where(used_guess, given, made),
+            blocks.pad_intervals(guess_stages),
+            stages,
+        )
+    ys, stages, stats = newton_solve(
+        vector_field, blocks, padded_ts, padded_guess, stages, args, **newton_options
+    )
+    return blocks.unpad_nodes(ys), blocks.unpad_intervals(stages), stats
+
+
+@_newton_on_blocks.def_jvp
+def _no_tangents(primals, tangents):
+    del tangents
+    out = _newton_on_blocks(*primals)
+    return out, jax.custom_derivatives.zero_from_primal(out, symbolic_zeros=True)
 
 
 @_solve_window.def_jvp
@@ -179,7 +232,18 @@ def _solve_window_jvp(primals, tangents):
     config = primals[-1]
     t_vector_field, t_ts, t_y0, t_args = tangents[:4]
     ys, stages, stats = _solve_window(*primals)
-    discretisation = config.discretisation
+    if config.mesh is None:
+        discretisation = config.discretisation
+        at_ys, at_stages = ys, stages
+
+        def grid(_ts):
+            return _ts
+    else:
+        # On the padded window split over the mesh, as Newton ran.
+        discretisation = _node_blocks(config, ts)
+        at_ys = discretisation.pad_nodes(ys)
+        at_stages = discretisation.pad_intervals(stages)
+        grid = discretisation.pad_times
 
     params = (vector_field, ts, args)
     t_params = (t_vector_field, t_ts, t_args)
@@ -188,7 +252,9 @@ def _solve_window_jvp(primals, tangents):
 
     def residual_at_solution(_diff):
         _vector_field, _ts, _args = eqx.combine(_diff, nondiff)
-        return discretisation.residual(_vector_field, _ts, ys, stages, _args)
+        return discretisation.residual(
+            _vector_field, grid(_ts), at_ys, at_stages, _args
+        )
 
     _, t_residual = jax.jvp(residual_at_solution, (diff,), (t_params,))
     if t_y0 is None:
@@ -199,10 +265,27 @@ def _solve_window_jvp(primals, tangents):
     # run at full precision: unlike a Newton direction, no later iteration corrects
     # them (on GPUs float32 products otherwise default to TensorFloat-32).
     with jax.default_matmul_precision("highest"):
-        _, linearisation = discretisation.linearise(vector_field, ts, ys, stages, args)
+        _, linearisation = discretisation.linearise(
+            vector_field, grid(ts), at_ys, at_stages, args
+        )
         t_ys, t_stages = linearisation.solve(rhs, t_y0)
+    if config.mesh is not None:
+        t_ys = discretisation.unpad_nodes(t_ys)
+        t_stages = discretisation.unpad_intervals(t_stages)
     t_stats = jax.custom_derivatives.zero_from_primal(stats, symbolic_zeros=True)
     return (ys, stages, stats), (t_ys, t_stages, t_stats)
+
+
+def _check_split_grid(ts, mesh: Mesh | None) -> None:
+    if mesh is None:
+        return
+    check_time_mesh(mesh)
+    if not eqx.is_array(ts):
+        raise ValueError(
+            "`solve_window(mesh=...)` splits a grid of times: `ts` must be an "
+            "array of nodes (a recurrence's step inputs are not split; call it "
+            "without `mesh`)."
+        )
 
 
 def solve_window(
@@ -222,6 +305,7 @@ def solve_window(
     predictor_coarsening: int | None = COARSENING,
     jacobian: JacobianMode = "full",
     damping: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[Inexact[Array, "nodes n"], PyTree[Array] | None, NewtonStats]:
     r"""Solves $y' = f(t, y)$, $y(t_0) = y_0$ on every node of `ts` at once.
 
@@ -264,6 +348,17 @@ def solve_window(
         tangent recurrence uses the full Jacobians at the converged trajectory, so
         differentiating a `"diagonal"` solve holds `N` $n \times n$ blocks once.
     - `damping`: Levenberg-Marquardt damping once a plain Newton step overflows.
+    - `mesh`: optional `jax.sharding.Mesh` with an axis named `"time"`: the nodes
+        are padded to a multiple of that axis's $P$ devices and split into one
+        block per device, which computes its own stage unknowns, residuals and
+        linearisations; every recurrence (each Newton step's, damped or not, the
+        tangent's for `jax.jvp` and its transpose for `jax.grad`) is solved across
+        the devices by the sharded scans of
+        [`diffrax_deer.solve_affine_recurrence`][] and
+        [`diffrax_deer.solve_damped_recurrence`][], so $O(P n^2)$ values move
+        per Newton iteration, whatever $N$. The predictor runs on the whole
+        window on every device (`predictor_steps=0` skips it). `ts` must then be
+        a grid of times. `None`: one device.
 
     **Returns:**
 
@@ -275,6 +370,7 @@ def solve_window(
             "`solve_window` needs a `guess` when `ts` is not a grid of times: the "
             "predictor integrates an ODE."
         )
+    _check_split_grid(ts, mesh)
     first_point = jtu.tree_map(lambda t: t[0], ts)
     # Closed-over arrays (e.g. a network's weights) become explicit inputs, so that
     # the custom derivative sees, and differentiates, them.
@@ -302,6 +398,7 @@ def solve_window(
         predictor_coarsening=predictor_coarsening,
         jacobian=jacobian,
         damping=damping,
+        mesh=mesh,
     )
     return _solve_window(
         vector_field, ts, y0, args, guess, use_guess, guess_stages, tolerances, config

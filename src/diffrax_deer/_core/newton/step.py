@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Bool, Inexact, Int, PyTree, Real
 
-from ..damped_scan import solve_damped_recurrence
 from ..discretisation import (
     AbstractDiscretisation,
     AbstractLinearisation,
@@ -15,7 +14,6 @@ from ..discretisation import (
     Residual,
     VectorField,
 )
-from ..scan import solve_affine_recurrence
 from .norms import all_finite, residual_norm, scaled_update_norm
 
 
@@ -144,14 +142,14 @@ def newton_direction(
     r"""The node and stage update: the Newton step $\delta_{i+1} = A_i \delta_i +
     b_i$, $\delta_0 = 0$ (by a parallel scan), or with a `damping` $\lambda > 0$ the
     Levenberg-Marquardt step (a parallel Kalman smoother)."""
-    transitions = linearisation.transitions
     zero_update = jnp.zeros(offsets.shape[1:], offsets.dtype)
 
+    # The linearisation's own solvers: split over devices for a window split so.
     def plain():
-        return solve_affine_recurrence(transitions, offsets, zero_update)
+        return linearisation.recurrence(offsets, zero_update)
 
     def levenberg_marquardt():
-        return solve_damped_recurrence(transitions, offsets, damping)
+        return linearisation.damped_recurrence(offsets, damping)
 
     if damping is None:
         delta_ys = plain()
