@@ -67,6 +67,7 @@ def solver():
     return run_group("solver")
 
 
+@pytest.mark.slow
 def test_deer_solver_on_a_time_mesh_equals_single_device(solver):
     # The trapezoidal rule under DeerAdjoint and under diffrax's default adjoint:
     # value and gradients in y0 and args, two windows of 38 nodes on 8 devices.
@@ -76,6 +77,7 @@ def test_deer_solver_on_a_time_mesh_equals_single_device(solver):
         assert error <= 1e-12, (name, error)
 
 
+@pytest.mark.slow
 def test_stage_unknowns_on_a_time_mesh_equal_single_device(solver):
     # Radau IIA, quasi-DEER (diagonal Jacobians), 33 nodes (one block all
     # padding): the window solve's nodes and stages, and its gradient.
@@ -85,11 +87,13 @@ def test_stage_unknowns_on_a_time_mesh_equal_single_device(solver):
         assert error <= 1e-12, (name, error)
 
 
+@pytest.mark.slow
 def test_stage_methods_on_a_time_mesh_under_deer_adjoint_are_refused(solver):
     message = solver["refused"]
     assert "DeerAdjoint" in message and "default adjoint" in message, message
 
 
+@pytest.mark.slow
 def test_deer_solver_on_a_time_mesh_moves_bytes_independent_of_length(solver):
     # The compiled gradient at 104 and 208 nodes: the same collectives.
     small, large = solver["traffic"]["103"], solver["traffic"]["207"]
@@ -100,6 +104,7 @@ def test_deer_solver_on_a_time_mesh_moves_bytes_independent_of_length(solver):
     assert 0 < small["total_bytes"] <= 16 * 8 * (9 + 3) * 8, small
 
 
+@pytest.mark.slow
 def test_batch_split_over_devices_equals_one_device(solver):
     # jax.vmap over 8 initial values split over 8 devices: DeerSolver with
     # DeerAdjoint, and deer_scan, values and gradients.
