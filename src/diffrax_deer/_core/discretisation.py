@@ -30,23 +30,38 @@ def evaluate_nodes(
     return jax.vmap(vector_field, in_axes=(0, 0, None))(ts, ys, args)
 
 
-def evaluate_nodes_and_time_derivatives(
+def evaluate_nodes_derivatives_and_stiffness(
     vector_field: VectorField,
     ts: Real[Array, " points"],
     ys: Inexact[Array, "points n"],
     args: PyTree[Any],
-) -> tuple[Inexact[Array, "points n"], Inexact[Array, "points n"]]:
+) -> tuple[
+    Inexact[Array, "points n"], Inexact[Array, "points n"], Real[Array, " points"]
+]:
     r"""$y' = f(t_i, y_i)$ and $y'' = \partial_t f + \partial_y f \, f$ at every
-    point at once: one JVP of $f$ along the solution's own direction $(1, y')$."""
+    point at once (one JVP of $f$ along the solution's own direction $(1, y')$),
+    and a lower bound on $\lVert \partial_y f \rVert_2$ at every point: $\lVert J v
+    \rVert / \lVert v \rVert$ along a fixed direction $v$, from the same
+    linearisation (one more JVP). $v_k = \cos(2.4 k + 1)$ is quasi-random, so that
+    no structured null space (the constants, which a diffusion operator's Jacobian
+    annihilates) hides the stiff eigenvalues."""
 
-    def first_and_second(t, y):
+    def derivatives_and_stiffness(t, y):
         def along(_t, _y):
             return vector_field(_t, _y, args)
 
         first, along_linear = jax.linearize(along, t, y)
-        return first, along_linear(jnp.ones_like(t), first)
+        second = along_linear(jnp.ones_like(t), first)
+        probe = jnp.cos(2.4 * jnp.arange(y.shape[0], dtype=y.dtype) + 1)
+        probed = along_linear(jnp.zeros_like(t), probe)
+        probe_norm = jnp.linalg.norm(probe)  # 0 only for an empty state
+        return (
+            first,
+            second,
+            jnp.linalg.norm(probed) / jnp.where(probe_norm == 0, 1, probe_norm),
+        )
 
-    return jax.vmap(first_and_second)(ts, ys)
+    return jax.vmap(derivatives_and_stiffness)(ts, ys)
 
 
 def evaluate_nodes_and_jacobians(

@@ -2,7 +2,7 @@
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Inexact, Real
+from jaxtyping import Array, Inexact, Int, Real
 
 
 def _interval_and_fraction(values: Array, position: Real[Array, ""]):
@@ -152,6 +152,21 @@ def quintic_hermite_on_grid(
     `quintic_hermite_on_uniform_grid` on any increasing grid `ts` (see
     `grid_interval` for `uniform`), at time `t`."""
     index, fraction, step = grid_interval(ts, t, uniform)
+    return quintic_hermite_in_interval(
+        values, derivatives, second_derivatives, index, fraction, step
+    )
+
+
+def quintic_hermite_in_interval(
+    values: Inexact[Array, "nodes ..."],
+    derivatives: Inexact[Array, "nodes ..."],
+    second_derivatives: Inexact[Array, "nodes ..."],
+    index: Int[Array, ""],
+    fraction: Real[Array, ""],
+    step: Real[Array, ""],
+) -> Inexact[Array, "..."]:
+    """The quintic Hermite polynomial of interval `index` (of length `step`) at the
+    `fraction` of the way through it, as `grid_interval` finds them."""
     local = _local((values, derivatives, second_derivatives), index)
     return quintic_hermite_on_uniform_grid(*local, fraction, step)
 
