@@ -276,6 +276,9 @@ def main() -> None:
     )
     parser.add_argument("--problems", help="comma-separated registry names")
     parser.add_argument("--plot", metavar="PATH", help="write the work-precision plot")
+    parser.add_argument(
+        "--tolerances", help="comma-separated rtol = atol values (default 1e-3..1e-10)"
+    )
     options = parser.parse_args()
     if options.quick:
         names, tolerances, repeats = ("mlp", "van-der-pol-stiff"), (1e-3, 1e-6), 1
@@ -283,6 +286,8 @@ def main() -> None:
         names, tolerances, repeats = NONSTIFF + STIFF, TOLERANCES, options.repeats
     if options.problems:
         names = tuple(options.problems.split(","))
+    if options.tolerances:
+        tolerances = tuple(float(x) for x in options.tolerances.split(","))
     results = [run_problem(name, tolerances, repeats) for name in names]
     summaries = [floors(result) for result in results]
     info = machine_info()

@@ -50,21 +50,27 @@ def _residual_size(vector_field, discretisation, ts, ys, args, stages=None) -> A
     return residual_norm(discretisation.residual(vector_field, ts, ys, stages, args))
 
 
-def _smaller_residual(
+def _stored_if_better(
     vector_field,
     discretisation,
     ts,
     args,
     stored,
+    stored_stages,
+    use_stored,
     predicted,
     predicted_size,
-    stored_stages=None,
 ):
-    """Whichever starting trajectory has the smaller residual (the predicted one,
-    of residual `predicted_size`, when the stored one's is not finite), and whether
-    it is the stored one."""
-    stored_size = _residual_size(
-        vector_field, discretisation, ts, stored, args, stored_stages
+    """The stored trajectory where `use_stored` and its residual is no larger than
+    the predicted one's (of residual `predicted_size`), else the predicted one; and
+    whether it is the stored one. The stored residual is evaluated only where
+    `use_stored` (otherwise the stored trajectory may be a placeholder)."""
+    stored_size = jax.lax.cond(
+        use_stored,
+        lambda: _residual_size(
+            vector_field, discretisation, ts, stored, args, stored_stages
+        ),
+        lambda: jnp.asarray(jnp.inf, predicted_size.dtype),
     )
     use_predicted = (predicted_size < stored_size) | ~jnp.isfinite(stored_size)
     return jnp.where(use_predicted, predicted, stored), ~use_predicted
@@ -132,23 +138,20 @@ def _solve_window(
         used_guess = jnp.array(False)
     elif use_guess is not None:
         # A stored trajectory can be far worse than the predictor (the parameters
-        # moved a lot since it was stored): keep the better of the two.
-        def better_of_stored_and_predicted():
-            return _smaller_residual(
-                vector_field,
-                discretisation,
-                ts,
-                args,
-                guess.at[0].set(y0),
-                *predict(),
-                guess_stages,
-            )
-
-        def predicted():
-            return predict()[0], jnp.array(False)
-
-        guess, used_guess = jax.lax.cond(
-            use_guess, better_of_stored_and_predicted, predicted
+        # moved a lot since it was stored): keep the better of the two. The
+        # predictor runs either way, so it is traced once, outside the `cond`
+        # (inside, both branches compiled their own copy of it).
+        predicted, predicted_size = predict()
+        guess, used_guess = _stored_if_better(
+            vector_field,
+            discretisation,
+            ts,
+            args,
+            guess.at[0].set(y0),
+            guess_stages,
+            use_guess,
+            predicted,
+            predicted_size,
         )
     else:
         used_guess = jnp.array(True)
