@@ -106,7 +106,9 @@ def _integrated_basis_coefficients(family: str, stages: int) -> np.ndarray:
 
 def _integrated_lagrange_basis(family, stages, theta):
     # (beta_1(theta), ..., beta_s(theta)), by Horner's rule.
-    coefficients = jnp.asarray(_integrated_basis_coefficients(family, stages))
+    coefficients = jnp.asarray(
+        _integrated_basis_coefficients(family, stages), theta.dtype
+    )
     values = jnp.zeros((stages,), coefficients.dtype)
     for power in range(stages, -1, -1):
         values = values * theta + coefficients[:, power]
