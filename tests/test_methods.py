@@ -325,10 +325,10 @@ DERIVATIVE_METHODS = NATIVE_METHODS | {
 def lv_primal(name):
     """The primal ys and Newton statistics: from `lv_forward` where the derivative
     tests compile it anyway, else from a solve of its own (a third of the cost)."""
-    params = jnp.asarray(np.concatenate([LV_Y0, LV_THETA]))
     if name in DERIVATIVE_METHODS:
         ys, _, _, state = lv_forward(name)
         return ys, state
+    params = jnp.asarray(np.concatenate([LV_Y0, LV_THETA]))
     ys, state = jit(functools.partial(lv_solve, METHODS[name]))(params)
     return np.asarray(ys), jax.tree.map(np.asarray, state)
 

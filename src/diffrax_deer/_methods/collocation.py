@@ -55,14 +55,7 @@ def collocation_tableau(family: str, stages: int):
     roots = sympy.Poly(sympy.expand(polynomial), x).all_roots()
     c = tuple(sorted((sympy.nsimplify(sympy.radsimp(r)) for r in roots), key=float))
 
-    def lagrange(j):
-        basis = sympy.Integer(1)
-        for m, c_m in enumerate(c):
-            if m != j:
-                basis *= (x - c_m) / (c[j] - c_m)
-        return sympy.expand(basis)
-
-    bases = [lagrange(j) for j in range(stages)]
+    bases = [_lagrange_basis(c, j, x) for j in range(stages)]
     a = tuple(
         tuple(
             sympy.simplify(sympy.integrate(bases[j], (x, 0, c_i)))
@@ -93,11 +86,7 @@ def _integrated_basis_coefficients(family: str, stages: int) -> np.ndarray:
     x, theta = sympy.symbols("x theta")
     rows = []
     for k in range(stages):
-        basis = sympy.Integer(1)
-        for m, c_m in enumerate(c):
-            if m != k:
-                basis *= (x - c_m) / (c[k] - c_m)
-        integral = sympy.integrate(sympy.expand(basis), (x, 0, theta))
+        integral = sympy.integrate(_lagrange_basis(c, k, x), (x, 0, theta))
         coefficients = sympy.Poly(integral, theta).all_coeffs()[::-1]  # theta^0 first
         coefficients += [0] * (stages + 1 - len(coefficients))
         rows.append([float(sympy.N(value, 30)) for value in coefficients])
@@ -113,6 +102,17 @@ def _integrated_lagrange_basis(family, stages, theta):
     for power in range(stages, -1, -1):
         values = values * theta + coefficients[:, power]
     return values
+
+
+def _lagrange_basis(nodes, j, x):
+    """The Lagrange basis polynomial $\ell_j$ on `nodes`, in the sympy symbol `x`."""
+    import sympy
+
+    basis = sympy.Integer(1)
+    for m, node in enumerate(nodes):
+        if m != j:
+            basis *= (x - node) / (nodes[j] - node)
+    return sympy.expand(basis)
 
 
 def _as_float_arrays(tableau):
@@ -241,8 +241,6 @@ class AbstractCollocation(AbstractDiscretisation):
         first, second, stiffness = evaluate_nodes_derivatives_and_stiffness(
             vector_field, ts, ys, args
         )
-        if stages is None:  # an empty window: no interval to interpolate
-            stages = self.init_stages(vector_field, ts, ys, args)
         scaled = jnp.abs(ts[1:] - ts[:-1]).astype(stiffness.dtype) * jnp.maximum(
             stiffness[:-1], stiffness[1:]
         )
