@@ -105,6 +105,33 @@ def test_tableau_order_conditions(family, stages, order):
     assert 0 < floats[0] and floats[-1] <= 1
 
 
+@pytest.mark.parametrize("family", ["gauss-legendre", "radau-iia"])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_solver_tableau_is_the_exact_one_rounded(family, stages):
+    # The solver's float tableau (50-digit arithmetic) is sympy's exact one, each
+    # entry rounded to float64; likewise the dense output's integrated basis.
+    from diffrax_deer._methods.collocation import _float_tableau
+
+    c, a, b, integrated = _float_tableau(family, stages)
+    exact_c, exact_a, exact_b = collocation_tableau(family, stages)
+
+    def rounded(value):
+        return float(sympy.N(value, 40))
+
+    assert c.tolist() == [rounded(x) for x in exact_c]
+    assert a.tolist() == [[rounded(x) for x in row] for row in exact_a]
+    assert b.tolist() == [rounded(x) for x in exact_b]
+    x, theta = sympy.symbols("x theta")
+    for k, row in enumerate(integrated):
+        basis = sympy.Integer(1)
+        for m, node in enumerate(exact_c):
+            if m != k:
+                basis *= (x - node) / (exact_c[k] - node)
+        beta = sympy.Poly(sympy.integrate(sympy.expand(basis), (x, 0, theta)), theta)
+        coefficients = beta.all_coeffs()[::-1]
+        assert row.tolist() == [rounded(v) for v in coefficients], k
+
+
 def test_gauss_legendre2_nodes_exact():
     c, a, b = collocation_tableau("gauss-legendre", 2)
     s3 = sympy.sqrt(3)

@@ -2,6 +2,7 @@
 
 import abc
 import functools
+import math
 from typing import ClassVar
 
 import equinox as eqx
@@ -39,7 +40,9 @@ def collocation_tableau(family: str, stages: int):
 
     **Returns:**
 
-    `(c, A, b)` as tuples of sympy expressions (exact).
+    `(c, A, b)` as tuples of sympy expressions (exact). The solver itself uses
+    the same tableau computed in 50-digit floating point (`_float_tableau`), as
+    sympy takes seconds per tableau.
     """
     import sympy
 
@@ -74,23 +77,81 @@ def collocation_tableau(family: str, stages: int):
 _MAX_HERMITE_AMPLIFICATION = 2.0
 
 
-@functools.cache
-def _integrated_basis_coefficients(family: str, stages: int) -> np.ndarray:
-    r"""The coefficients of $\beta_k(\theta) = \int_0^\theta \ell_k$, the integrated
-    Lagrange basis on the collocation nodes, exactly from sympy: shape
-    `(s, s + 1)`, row $k$ holding the coefficients of $\theta^0, \dots,
-    \theta^s$."""
-    import sympy
+# Digits of the working precision of the float tableaux: far beyond float64, so
+# that each coefficient rounds correctly.
+_DIGITS = 50
 
-    c, _, _ = collocation_tableau(family, stages)
-    x, theta = sympy.symbols("x theta")
+
+def _shifted_legendre(degree: int) -> list[int]:
+    r"""The integer coefficients of $P_n(2x - 1)$, $x^0$ first:
+    $(-1)^{n+k} \binom{n}{k} \binom{n+k}{k}$."""
+    return [
+        (-1) ** (degree + k) * math.comb(degree, k) * math.comb(degree + k, k)
+        for k in range(degree + 1)
+    ]
+
+
+def _collocation_polynomial(family: str, stages: int) -> list[int]:
+    if family == "gauss-legendre":
+        return _shifted_legendre(stages)
+    if family == "radau-iia":
+        lower = _shifted_legendre(stages - 1) + [0]
+        return [p - q for p, q in zip(_shifted_legendre(stages), lower, strict=True)]
+    raise ValueError(f"Unknown collocation family {family!r}.")
+
+
+def _integrated_bases(nodes, mpmath) -> list[list]:
+    r"""The coefficients ($x^0$ first, in mpmath) of $\int_0^x \ell_j$ for every
+    Lagrange basis polynomial $\ell_j$ on `nodes`."""
     rows = []
-    for k in range(stages):
-        integral = sympy.integrate(_lagrange_basis(c, k, x), (x, 0, theta))
-        coefficients = sympy.Poly(integral, theta).all_coeffs()[::-1]  # theta^0 first
-        coefficients += [0] * (stages + 1 - len(coefficients))
-        rows.append([float(sympy.N(value, 30)) for value in coefficients])
-    return np.array(rows)
+    for j, node_j in enumerate(nodes):
+        basis = [mpmath.mpf(1)]
+        for m, node_m in enumerate(nodes):
+            if m != j:
+                # basis *= (x - node_m) / (node_j - node_m)
+                scale = node_j - node_m
+                shifted = [mpmath.mpf(0)] + basis
+                for k, value in enumerate(basis):
+                    shifted[k] -= node_m * value
+                basis = [value / scale for value in shifted]
+        rows.append([mpmath.mpf(0)] + [v / (k + 1) for k, v in enumerate(basis)])
+    return rows
+
+
+@functools.cache
+def _float_tableau(family: str, stages: int):
+    r"""The tableau $(c, A, b)$ of `collocation_tableau` in float64, computed in
+    50-digit arithmetic (mpmath): the nodes as roots of the same polynomial,
+    $a_{ij} = \int_0^{c_i} \ell_j$, $b_j = \int_0^1 \ell_j$; and the integrated
+    basis's coefficients (`_integrated_basis_coefficients`). Milliseconds, where
+    sympy's exact forms take seconds (a cost every first solve would pay)."""
+    import mpmath
+
+    with mpmath.workdps(_DIGITS):
+        coefficients = _collocation_polynomial(family, stages)
+        roots = mpmath.polyroots(coefficients[::-1], maxsteps=200, extraprec=100)
+        nodes = sorted(mpmath.re(root) for root in roots)
+        integrated = _integrated_bases(nodes, mpmath)
+
+        def integral(row, x):
+            return mpmath.polyval(row[::-1], x)
+
+        a = [[integral(row, c_i) for row in integrated] for c_i in nodes]
+        b = [integral(row, 1) for row in integrated]
+        as_floats = np.vectorize(float, otypes=[np.float64])
+        return (
+            as_floats(np.array(nodes, dtype=object)),
+            as_floats(np.array(a, dtype=object)),
+            as_floats(np.array(b, dtype=object)),
+            as_floats(np.array(integrated, dtype=object)),
+        )
+
+
+def _integrated_basis_coefficients(family: str, stages: int) -> np.ndarray:
+    r"""The coefficients of $\beta_k(\theta) = \int_0^\theta \ell_k$, the
+    integrated Lagrange basis on the collocation nodes: shape `(s, s + 1)`, row
+    $k$ holding the coefficients of $\theta^0, \dots, \theta^s$."""
+    return _float_tableau(family, stages)[3]
 
 
 def _integrated_lagrange_basis(family, stages, theta):
@@ -105,7 +166,7 @@ def _integrated_lagrange_basis(family, stages, theta):
 
 
 def _lagrange_basis(nodes, j, x):
-    """The Lagrange basis polynomial $\ell_j$ on `nodes`, in the sympy symbol `x`."""
+    r"""The Lagrange basis polynomial $\ell_j$ on `nodes`, in the sympy symbol `x`."""
     import sympy
 
     basis = sympy.Integer(1)
@@ -113,19 +174,6 @@ def _lagrange_basis(nodes, j, x):
         if m != j:
             basis *= (x - node) / (nodes[j] - node)
     return sympy.expand(basis)
-
-
-def _as_float_arrays(tableau):
-    c, a, b = tableau
-
-    def to_float(value):
-        return float(value.evalf(30))
-
-    return (
-        np.array([to_float(ci) for ci in c]),
-        np.array([[to_float(aij) for aij in row] for row in a]),
-        np.array([to_float(bj) for bj in b]),
-    )
 
 
 class _AbstractCollocationLinearisation(AbstractLinearisation):
@@ -220,7 +268,7 @@ class AbstractCollocation(AbstractDiscretisation):
     family: ClassVar[str]
 
     def _tableau(self):
-        return _as_float_arrays(collocation_tableau(self.family, self.stages))
+        return _float_tableau(self.family, self.stages)[:3]
 
     def dense_info(self, vector_field, ts, ys, stages, args):
         r"""Quintic Hermite data at the nodes, the stage slopes, and which intervals
@@ -441,9 +489,11 @@ class GaussLegendre(AbstractCollocation):
     r"""Gauss-Legendre collocation: order $2s$, A-stable, symplectic.
 
     `GaussLegendre(stages=2)` is 4th order, `GaussLegendre(stages=3)` 6th order. The
-    coefficients are derived exactly with sympy (roots of shifted Legendre
-    polynomials). Each Newton iteration evaluates the Jacobian at the $s$ stage
-    points of every interval and factorises one $sn \times sn$ matrix per interval.
+    coefficients are the roots of shifted Legendre polynomials and the integrals of
+    their Lagrange bases, in 50-digit arithmetic (exact forms:
+    [`diffrax_deer.collocation_tableau`][]). Each Newton iteration evaluates the
+    Jacobian at the $s$ stage points of every interval and factorises one
+    $sn \times sn$ matrix per interval.
 
     **Arguments:**
 
