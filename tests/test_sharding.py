@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
 from diffrax_deer import DeerSolver
 
 
@@ -24,8 +25,9 @@ SCRIPT = pathlib.Path(__file__).with_name("multidevice.py")
 
 @functools.cache
 def run_group(group: str) -> dict:
-    environment = dict(os.environ)
-    environment.pop("XLA_FLAGS", None)
+    # The subprocess sets its own device count; only the tests' compile flags
+    # (conftest) carry over.
+    environment = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)
     process = subprocess.run(
         [sys.executable, str(SCRIPT), group],
         capture_output=True,
