@@ -5,7 +5,7 @@
 #   pip download --no-deps --only-binary=:all: -d .whl \
 #     diffrax==0.7.2 equinox==0.13.8 lineax==0.1.1 optimistix==0.1.0
 # ), puts src/ on the path, and writes each stage's table and log to $OUT.
-# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling gru gru6 vspaper depth coldstart
+# Usage: OUT=results bash benchmarks/gpu_session.sh smoke forward gradients scaling gru gru6 vspaper depth coldstart adaptive windows
 set -u
 OUT=${OUT:-benchmark-results}
 mkdir -p "$OUT"
@@ -39,6 +39,11 @@ for stage in "$@"; do
     vspaper) PYTHONPATH=$PYTHONPATH:${PEERS:-$PWD/../shared/peers} $py benchmarks/vs_paper.py --markdown $OUT/vs_paper.md --json $OUT/vs_paper.json 2>&1 | tee $OUT/vs_paper.log | tail -45 ;;
     depth) $py benchmarks/depth.py --markdown $OUT/depth.md --json $OUT/depth.json 2>&1 | tee $OUT/depth.log | tail -16 ;;
     coldstart) $py benchmarks/cold_start.py --markdown $OUT/cold_start.md --json $OUT/cold_start.json 2>&1 | tee $OUT/cold_start.log | tail -45 ;;
+    # Issue 14: work-precision against adaptive Tsit5 / Dopri8 / Kvaerno5 (its GPU
+    # floor: faster than Tsit5 at equal accuracy where Tsit5 needs >= 1000 steps),
+    # and each window's error estimate against its true error.
+    adaptive) $py benchmarks/adaptive.py --repeats 3 --tolerances 1e-4,1e-6,1e-8 --markdown $OUT/adaptive.md --json $OUT/adaptive.json 2>&1 | tee $OUT/adaptive.log | tail -30 ;;
+    windows) $py benchmarks/window_estimates.py --markdown $OUT/window_estimates.md --json $OUT/window_estimates.json 2>&1 | tee $OUT/window_estimates.log | tail -35 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
