@@ -5,11 +5,13 @@ import os
 import pathlib
 
 
-# Before JAX starts its CPU backend: compile without LLVM's optimisations. The tests
-# compile hundreds of small programs and time none of them; XLA's own HLO passes
-# still run, and the arithmetic is IEEE either way (no fast-math at any level).
-# Measured on test_conventions: XLA's compile time 67 s -> 44 s.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# Before JAX starts its CPU backend: compile without LLVM's optimisations, and run
+# Eigen's kernels on one thread. The tests compile hundreds of small programs and
+# time none of them; XLA's own HLO passes still run, and the arithmetic is IEEE
+# either way (no fast-math at any level). Measured: XLA's compile time on
+# test_conventions 67 s -> 44 s; two test modules side by side on the 2 cores (as
+# `-n 2` runs them) 149-154 s -> 133-134 s with one Eigen thread each.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import diffrax  # noqa: E402
