@@ -110,7 +110,7 @@ def test_tableau_order_conditions(family, stages, order):
 def test_solver_tableau_is_the_exact_one_rounded(family, stages):
     # The solver's float tableau (50-digit arithmetic) is sympy's exact one, each
     # entry rounded to float64; likewise the dense output's integrated basis.
-    from diffrax_deer._methods.collocation import _float_tableau
+    from diffrax_deer._methods.collocation import _float_tableau, _lagrange_basis
 
     c, a, b, integrated = _float_tableau(family, stages)
     exact_c, exact_a, exact_b = collocation_tableau(family, stages)
@@ -123,11 +123,8 @@ def test_solver_tableau_is_the_exact_one_rounded(family, stages):
     assert b.tolist() == [rounded(x) for x in exact_b]
     x, theta = sympy.symbols("x theta")
     for k, row in enumerate(integrated):
-        basis = sympy.Integer(1)
-        for m, node in enumerate(exact_c):
-            if m != k:
-                basis *= (x - node) / (exact_c[k] - node)
-        beta = sympy.Poly(sympy.integrate(sympy.expand(basis), (x, 0, theta)), theta)
+        basis = _lagrange_basis(exact_c, k, x)
+        beta = sympy.Poly(sympy.integrate(basis, (x, 0, theta)), theta)
         coefficients = beta.all_coeffs()[::-1]
         assert row.tolist() == [rounded(v) for v in coefficients], k
 

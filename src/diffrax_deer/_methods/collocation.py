@@ -3,7 +3,7 @@
 import abc
 import functools
 import math
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -118,13 +118,21 @@ def _integrated_bases(nodes, mpmath) -> list[list]:
     return rows
 
 
+class _FloatTableau(NamedTuple):
+    c: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    # Row k: the coefficients of beta_k(theta) = int_0^theta l_k, theta^0 first.
+    integrated_basis: np.ndarray
+
+
 @functools.cache
-def _float_tableau(family: str, stages: int):
+def _float_tableau(family: str, stages: int) -> _FloatTableau:
     r"""The tableau $(c, A, b)$ of `collocation_tableau` in float64, computed in
     50-digit arithmetic (mpmath): the nodes as roots of the same polynomial,
     $a_{ij} = \int_0^{c_i} \ell_j$, $b_j = \int_0^1 \ell_j$; and the integrated
-    basis's coefficients (`_integrated_basis_coefficients`). Milliseconds, where
-    sympy's exact forms take seconds (a cost every first solve would pay)."""
+    basis's coefficients, shape `(s, s + 1)`. Milliseconds, where sympy's exact
+    forms take seconds (a cost every first solve would pay)."""
     import mpmath
 
     with mpmath.workdps(_DIGITS):
@@ -139,25 +147,15 @@ def _float_tableau(family: str, stages: int):
         a = [[integral(row, c_i) for row in integrated] for c_i in nodes]
         b = [integral(row, 1) for row in integrated]
         as_floats = np.vectorize(float, otypes=[np.float64])
-        return (
-            as_floats(np.array(nodes, dtype=object)),
-            as_floats(np.array(a, dtype=object)),
-            as_floats(np.array(b, dtype=object)),
-            as_floats(np.array(integrated, dtype=object)),
+        return _FloatTableau(
+            *(as_floats(np.array(v, dtype=object)) for v in (nodes, a, b, integrated))
         )
-
-
-def _integrated_basis_coefficients(family: str, stages: int) -> np.ndarray:
-    r"""The coefficients of $\beta_k(\theta) = \int_0^\theta \ell_k$, the
-    integrated Lagrange basis on the collocation nodes: shape `(s, s + 1)`, row
-    $k$ holding the coefficients of $\theta^0, \dots, \theta^s$."""
-    return _float_tableau(family, stages)[3]
 
 
 def _integrated_lagrange_basis(family, stages, theta):
     # (beta_1(theta), ..., beta_s(theta)), by Horner's rule.
     coefficients = jnp.asarray(
-        _integrated_basis_coefficients(family, stages), theta.dtype
+        _float_tableau(family, stages).integrated_basis, theta.dtype
     )
     values = jnp.zeros((stages,), coefficients.dtype)
     for power in range(stages, -1, -1):
@@ -268,7 +266,8 @@ class AbstractCollocation(AbstractDiscretisation):
     family: ClassVar[str]
 
     def _tableau(self):
-        return _float_tableau(self.family, self.stages)[:3]
+        c, a, b, _ = _float_tableau(self.family, self.stages)
+        return c, a, b
 
     def dense_info(self, vector_field, ts, ys, stages, args):
         r"""Quintic Hermite data at the nodes, the stage slopes, and which intervals
