@@ -38,7 +38,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffrax_deer import DeerSolver  # noqa: E402
-from diffrax_deer._bench.problems import get_problem  # noqa: E402
+from diffrax_deer._bench.problems import (  # noqa: E402
+    ADAPTIVE_NONSTIFF,
+    ADAPTIVE_STIFF,
+    get_problem,
+)
 from diffrax_deer._bench.solves import max_error, succeeded  # noqa: E402
 from diffrax_deer._bench.timing import (  # noqa: E402
     add_common_options,
@@ -58,8 +62,7 @@ from diffrax_deer._bench.timing import (  # noqa: E402
 )
 
 
-NONSTIFF = ("mlp", "lotka-volterra", "van-der-pol-100", "arenstorf", "mlp-32")
-STIFF = ("van-der-pol-stiff", "robertson", "hires", "orego")
+NONSTIFF, STIFF = ADAPTIVE_NONSTIFF, ADAPTIVE_STIFF
 TOLERANCES = tuple(10.0**-k for k in range(3, 11))
 FLOOR_TOLERANCE = 1e-6
 MAX_STEPS = 100_000

@@ -40,7 +40,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffrax_deer import DeerSolver  # noqa: E402
-from diffrax_deer._bench.problems import get_problem  # noqa: E402
+from diffrax_deer._bench.problems import (  # noqa: E402
+    ADAPTIVE_NONSTIFF,
+    ADAPTIVE_STIFF,
+    get_problem,
+)
 from diffrax_deer._bench.solves import Instance, succeeded  # noqa: E402
 from diffrax_deer._bench.timing import (  # noqa: E402
     add_common_options,
@@ -55,17 +59,7 @@ from diffrax_deer._bench.timing import (  # noqa: E402
 )
 
 
-PROBLEMS = (
-    "mlp",
-    "lotka-volterra",
-    "van-der-pol-100",
-    "arenstorf",
-    "mlp-32",
-    "van-der-pol-stiff",
-    "robertson",
-    "hires",
-    "orego",
-)
+PROBLEMS = ADAPTIVE_NONSTIFF + ADAPTIVE_STIFF
 TOLERANCES = (1e-4, 1e-6, 1e-8)
 MAX_STEPS = 100_000
 WITHIN = 10.0
@@ -99,92 +93,74 @@ def window_ends(tolerance, case: Instance):
 # Where each window is checked, as fractions of it: at 9 of the nodes of
 # DeerSolver()'s uniform 64-interval mesh (what the estimate estimates; windows
 # whose mesh was adapted are left out of this check, their nodes having moved),
-# and at 9 evenly spread times, 8 of them between nodes (the dense output).
+# and at 9 evenly spread times, 8 of them between nodes (the dense output). One
+# solve per window saves at both sets.
 AT_NODES = np.array([7, 14, 21, 28, 35, 42, 49, 56, 64]) / 64
 BETWEEN_NODES = np.linspace(0.0, 1.0, 10)[1:]
-CHECKS = {"at nodes": AT_NODES, "between nodes": BETWEEN_NODES}
-
-
-def _times(t0, t1, fractions):
-    return (t0 + (t1 - t0) * fractions).at[-1].set(t1)
-
-
-@eqx.filter_jit
-def replay(tolerance, term, t0, t1, y0, args, fractions):
-    """One window [t0, t1] from y0: its values at the check times and its state."""
-    sol = diffrax.diffeqsolve(
-        term,
-        DeerSolver(),
-        t0,
-        t1,
-        t1 - t0,
-        y0,
-        args=args,
-        saveat=diffrax.SaveAt(ts=_times(t0, t1, fractions), solver_state=True),
-        stepsize_controller=_controller(tolerance),
-        max_steps=16,
-        throw=False,
-    )
-    state = sol.solver_state
-    return sol.ys, state.error_estimate, state.total_remeshes, sol.stats, sol.result
+FRACTIONS = np.union1d(AT_NODES, BETWEEN_NODES)
+CHECKS = {
+    "at nodes": np.isin(FRACTIONS, AT_NODES),
+    "between nodes": np.isin(FRACTIONS, BETWEEN_NODES),
+}
 
 
 @eqx.filter_jit
-def reference(solver, tolerance, term, t0, t1, y0, args, fractions):
-    sol = diffrax.diffeqsolve(
+def solve_window(solver, tolerance, term, t0, t1, y0, args, dt0):
+    """[t0, t1] from y0 with `solver`, saved at the check times `FRACTIONS`; the
+    solver state too for DeerSolver, which replays the window as one (dt0 = its
+    length), where the reference (dt0=None) takes its own steps."""
+    deer = isinstance(solver, DeerSolver)
+    fractions = jnp.asarray(FRACTIONS, t0.dtype)
+    ts = (t0 + (t1 - t0) * fractions).at[-1].set(t1)
+    return diffrax.diffeqsolve(
         term,
         solver,
         t0,
         t1,
-        None,
+        dt0,
         y0,
         args=args,
-        saveat=diffrax.SaveAt(ts=_times(t0, t1, fractions)),
+        saveat=diffrax.SaveAt(ts=ts, solver_state=deer),
         stepsize_controller=_controller(tolerance),
-        max_steps=MAX_STEPS,
+        max_steps=16 if deer else MAX_STEPS,
         throw=False,
     )
-    return sol.ys, sol.result
 
 
 def _rms(values: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(values**2, axis=-1))
 
 
-def succeeded_result(result) -> bool:
-    return bool(result == diffrax.RESULTS.successful)
-
-
 def _chosen(count: int, max_windows: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, count - 1, max_windows)).astype(int))
 
 
-def window_ratio(problem, case, tol, t0, t1, y0, fractions) -> tuple[str, float]:
-    """One window's estimate / true error at the check times `fractions`, or why
-    it has none ("not replayed", "re-meshed", "below the reference's error")."""
-    fractions = jnp.asarray(fractions, jnp.float64)
-    got, estimate, remeshes, stats, result = replay(
-        tol, case.term, t0, t1, y0, case.args, fractions
-    )
+def window_ratios(problem, case, tol, t0, t1, y0) -> dict[str, tuple[str, float]]:
+    """One window's estimate / true error for each set of `CHECKS`, or why it has
+    none ("not replayed", "re-meshed", "below the reference's error")."""
+    inputs = (case.term, t0, t1, y0, case.args)
+    replay = solve_window(DeerSolver(), tol, *inputs, t1 - t0)
     solver = diffrax.Kvaerno5() if problem.stiff else diffrax.Tsit5()
-    refs = [
-        reference(
-            solver, jnp.asarray(rtol), case.term, t0, t1, y0, case.args, fractions
-        )
-        for rtol in (1e-13, 1e-12)
-    ]
-    one_window = int(stats["num_accepted_steps"]) == 1
-    if not (one_window and succeeded_result(result) and succeeded_result(refs[0][1])):
-        return "not replayed", math.nan
-    if int(remeshes) > 0 and float(fractions[0]) == AT_NODES[0]:
-        return "re-meshed", math.nan
-    want = np.asarray(refs[0][0])
-    error = float(np.max(_rms(np.asarray(got) - want)))
-    reference_error = float(np.max(_rms(np.asarray(refs[1][0]) - want)))
-    floor = ROUND_OFF * max(1.0, float(np.max(np.abs(want))))
-    if error <= max(10 * reference_error, floor):
-        return "below the reference's error", math.nan
-    return "checked", float(estimate) / error
+    tight, loose = jnp.asarray(1e-13), jnp.asarray(1e-12)
+    want, rough = (solve_window(solver, rtol, *inputs, None) for rtol in (tight, loose))
+    one_window = int(replay.stats["num_accepted_steps"]) == 1
+    if not (one_window and succeeded(replay) and succeeded(want)):
+        return dict.fromkeys(CHECKS, ("not replayed", math.nan))
+    state = replay.solver_state
+    got, want, rough = (np.asarray(sol.ys) for sol in (replay, want, rough))
+    outcomes = {}
+    for name, at in CHECKS.items():
+        if name == "at nodes" and int(state.total_remeshes) > 0:
+            outcomes[name] = ("re-meshed", math.nan)
+            continue
+        error = float(np.max(_rms(got[at] - want[at])))
+        reference_error = float(np.max(_rms(rough[at] - want[at])))
+        floor = ROUND_OFF * max(1.0, float(np.max(np.abs(want[at]))))
+        if error <= max(10 * reference_error, floor):
+            outcomes[name] = ("below the reference's error", math.nan)
+        else:
+            outcomes[name] = ("checked", float(state.error_estimate) / error)
+    return outcomes
 
 
 def _summary(outcomes) -> dict[str, Any]:
@@ -213,10 +189,8 @@ def check_windows(problem, case, tolerance, max_windows: int) -> dict[str, Any]:
     outcomes = {name: [] for name in CHECKS}
     for k in _chosen(len(ts) - 1, max_windows):
         t0, t1, y0 = jnp.asarray(ts[k]), jnp.asarray(ts[k + 1]), jnp.asarray(ys[k])
-        for name, fractions in CHECKS.items():
-            outcomes[name].append(
-                window_ratio(problem, case, tol, t0, t1, y0, fractions)
-            )
+        for name, outcome in window_ratios(problem, case, tol, t0, t1, y0).items():
+            outcomes[name].append(outcome)
     return dict(
         problem=problem.name,
         tolerance=tolerance,

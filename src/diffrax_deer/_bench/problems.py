@@ -542,6 +542,10 @@ _BUILDERS: dict[str, Callable[[], Problem]] = {
 }
 
 PROBLEM_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+# Issue 14's work-precision suite (benchmarks/adaptive.py and
+# benchmarks/window_estimates.py): compared with Tsit5 and Dopri8, and with Kvaerno5.
+ADAPTIVE_NONSTIFF = ("mlp", "lotka-volterra", "van-der-pol-100", "arenstorf", "mlp-32")
+ADAPTIVE_STIFF = ("van-der-pol-stiff", "robertson", "hires", "orego")
 
 
 @functools.cache
