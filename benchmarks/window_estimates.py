@@ -102,6 +102,8 @@ CHECKS = {
     "at nodes": np.isin(FRACTIONS, AT_NODES),
     "between nodes": np.isin(FRACTIONS, BETWEEN_NODES),
 }
+# The estimate each set is checked against: the nodes' and the dense output's.
+ESTIMATES = {"at nodes": "error_estimate", "between nodes": "dense_error_estimate"}
 
 
 @eqx.filter_jit
@@ -159,7 +161,8 @@ def window_ratios(problem, case, tol, t0, t1, y0) -> dict[str, tuple[str, float]
         if error <= max(10 * reference_error, floor):
             outcomes[name] = ("below the reference's error", math.nan)
         else:
-            outcomes[name] = ("checked", float(state.error_estimate) / error)
+            estimate = float(getattr(state, ESTIMATES[name]))
+            outcomes[name] = ("checked", estimate / error)
     return outcomes
 
 

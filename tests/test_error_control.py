@@ -57,7 +57,9 @@ def window_and_estimate(field, method, ts, y0, args):
     estimate = estimate_error(
         field, method, ts, ys, stages, args, rtol=1e-13, atol=1e-13, max_iters=50
     )
-    return ys, stats, estimate
+    info = method.dense_info(field, ts, ys, stages, args)
+    dense = jax.vmap(lambda t: method.interpolate(ts, ys, info, t))(estimate.midpoints)
+    return ys, stats, estimate, dense
 
 
 def _assert_estimate_within_10x(estimated, true, floor):
@@ -79,15 +81,48 @@ def _assert_estimate_within_10x(estimated, true, floor):
 )
 def test_estimate_within_10x_of_true_error_linear(method, num_steps):
     ts = jnp.linspace(0.0, 4.0, num_steps + 1)
-    ys, stats, estimate = window_and_estimate(
+    ys, stats, estimate, dense = window_and_estimate(
         linear_field, method, ts, jnp.asarray(LINEAR_Y0), None
     )
     assert bool(stats.converged) and bool(estimate.valid)
-    exact = np.stack([scipy.linalg.expm(t * LINEAR_A) @ LINEAR_Y0 for t in ts])
+
+    def exact(times):
+        return np.stack([scipy.linalg.expm(t * LINEAR_A) @ LINEAR_Y0 for t in times])
+
     # Only the coarse grid's nodes carry an estimate (between them it is
     # interpolated); round-off here is about 1e-14.
     _assert_estimate_within_10x(
-        np.asarray(estimate.node_errors)[::2], (np.asarray(ys) - exact)[::2], 1e-12
+        np.asarray(estimate.node_errors)[::2], (np.asarray(ys) - exact(ts))[::2], 1e-12
+    )
+    # Between the nodes, the dense output's own estimate.
+    midpoints = np.asarray(estimate.midpoints)
+    _assert_estimate_within_10x(
+        np.asarray(estimate.dense_errors), np.asarray(dense) - exact(midpoints), 1e-12
+    )
+
+
+def prothero_robinson(t, y, stiffness):
+    # y' = -stiffness (y - sin t) + cos t: y = sin t from y(0) = 0, and on a grid
+    # with h * stiffness >> 1 the collocation methods' stage order (not their
+    # order) limits the dense output.
+    return -stiffness * (y - jnp.sin(t)) + jnp.cos(t)
+
+
+@pytest.mark.parametrize("stiffness", [1e4, 1e8])
+def test_dense_estimate_within_10x_of_true_error_when_stiff(stiffness):
+    # Radau IIA's nodes are accurate to about 1e-11 here, its dense output between
+    # them to about 1e-6: the node estimate alone would under-report the values
+    # `SaveAt(ts=...)` returns by orders of magnitude.
+    ts = jnp.linspace(0.0, 4.0, 17)
+    ys, stats, estimate, dense = window_and_estimate(
+        prothero_robinson, RadauIIA(stages=3), ts, jnp.zeros(1), jnp.array(stiffness)
+    )
+    assert bool(stats.converged) and bool(estimate.valid)
+    midpoints = np.asarray(estimate.midpoints)
+    true = np.asarray(dense) - np.sin(midpoints)[:, None]
+    _assert_estimate_within_10x(np.asarray(estimate.dense_errors), true, 1e-12)
+    assert np.max(np.abs(true)) > 100 * np.max(
+        np.abs(np.asarray(ys)[:, 0] - np.sin(ts))
     )
 
 
@@ -97,7 +132,7 @@ def test_estimate_within_10x_of_true_error_van_der_pol():
     y0 = jnp.array([2.0, 0.0])
     mu = jnp.array(1.0)
     method = GaussLegendre(stages=3)
-    ys, stats, estimate = window_and_estimate(van_der_pol, method, ts, y0, mu)
+    ys, stats, estimate, _ = window_and_estimate(van_der_pol, method, ts, y0, mu)
     assert bool(stats.converged) and bool(estimate.valid)
     reference = tsit5_reference(van_der_pol, y0, 0.0, 6.0, ts, args=mu, tol=1e-13)
     _assert_estimate_within_10x(

@@ -42,6 +42,8 @@ _NEWTON_STATS = (
     "residual_norm",
     "error_estimate",
     "max_error_estimate",
+    "dense_error_estimate",
+    "max_dense_error_estimate",
     "scaled_error",
     "max_scaled_error",
     "total_estimate_iters",
@@ -391,7 +393,8 @@ class DeerAdjoint(AbstractAdjoint):
     holds diffrax's counts (`num_steps` is the number of windows) and the Newton
     figures and error estimates of the final [`diffrax_deer.DeerState`][]:
     `num_iters`, `total_num_iters`, `max_num_iters`, `update_norm`,
-    `residual_norm`, `error_estimate`, `max_error_estimate`, `scaled_error`,
+    `residual_norm`, `error_estimate`, `max_error_estimate`,
+    `dense_error_estimate`, `max_dense_error_estimate`, `scaled_error`,
     `max_scaled_error`, `total_estimate_iters`. A window that fails sets
     `sol.result` (and raises, with `throw=True`), and the solve stops there.
 

@@ -94,9 +94,15 @@ class DeerState(eqx.Module):
         [`diffrax_deer.estimate_error`][]); infinite when the estimate failed, NaN
         when none was computed (`num_steps=1`, or `error_estimate=False`).
     - `max_error_estimate`: the largest `error_estimate` of the windows so far.
-    - `scaled_error`: the last window's error relative to the tolerances,
-        $\max_i \|e_i / (\text{atol} + \text{rtol}\,|y_i|)\|$ (at most 1: within
-        tolerance); NaN without tolerances (`DeerSolver(num_steps=N)`).
+    - `dense_error_estimate`: the same between the nodes: the last window's
+        estimated error of the dense output (what `SaveAt(ts=...)` and
+        `sol.evaluate` return there), $\max_i \mathrm{RMS}$ over the midpoints of
+        its intervals.
+    - `max_dense_error_estimate`: the largest `dense_error_estimate` so far.
+    - `scaled_error`: the last window's error relative to the tolerances, at its
+        nodes and between them, $\max \|e / (\text{atol} + \text{rtol}\,|y|)\|$
+        (at most 1: within tolerance); what an adaptive controller judges. NaN
+        without tolerances (`DeerSolver(num_steps=N)`).
     - `max_scaled_error`: the largest `scaled_error` of the windows so far.
     - `total_estimate_iters`: Newton iterations of the error estimates' coarse
         solves, summed over all windows.
@@ -113,6 +119,8 @@ class DeerState(eqx.Module):
     window_t1: Real[Array, ""]
     error_estimate: Real[Array, ""]
     max_error_estimate: Real[Array, ""]
+    dense_error_estimate: Real[Array, ""]
+    max_dense_error_estimate: Real[Array, ""]
     scaled_error: Real[Array, ""]
     max_scaled_error: Real[Array, ""]
     total_estimate_iters: Int[Array, ""]
@@ -553,6 +561,8 @@ class DeerSolver(AbstractImplicitSolver):
             window_t1=nan_time,
             error_estimate=nan,
             max_error_estimate=nan,
+            dense_error_estimate=nan,
+            max_dense_error_estimate=nan,
             scaled_error=nan,
             max_scaled_error=nan,
             total_estimate_iters=zero,
@@ -607,6 +617,8 @@ class DeerSolver(AbstractImplicitSolver):
             window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
             error_estimate=zero_norm,
             max_error_estimate=solver_state.max_error_estimate,
+            dense_error_estimate=zero_norm,
+            max_dense_error_estimate=solver_state.max_dense_error_estimate,
             scaled_error=zero_norm,
             max_scaled_error=solver_state.max_scaled_error,
             total_estimate_iters=solver_state.total_estimate_iters,
@@ -725,28 +737,7 @@ class DeerSolver(AbstractImplicitSolver):
                 t1 * direction(terms, t0),
                 max_iters=self.max_iters,
             )
-        new_state = DeerState(
-            num_iters=window.num_iters,
-            total_num_iters=solver_state.total_num_iters + window.num_iters,
-            max_num_iters=jnp.maximum(solver_state.max_num_iters, window.num_iters),
-            update_norm=stats.update_norm.astype(dtype),
-            residual_norm=stats.residual_norm.astype(dtype),
-            trajectory=jax.lax.stop_gradient(window.ys),
-            window_t0=jnp.asarray(t0, solver_state.window_t0.dtype),
-            window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
-            error_estimate=error.error_estimate,
-            max_error_estimate=jnp.fmax(
-                solver_state.max_error_estimate, error.error_estimate
-            ),
-            scaled_error=error.scaled_error,
-            max_scaled_error=jnp.fmax(
-                solver_state.max_scaled_error, error.scaled_error
-            ),
-            total_estimate_iters=solver_state.total_estimate_iters
-            + window.estimate_iters,
-            total_remeshes=solver_state.total_remeshes
-            + window.remeshed.astype(jnp.int32),
-        )
+        new_state = _next_state(solver_state, window, t0, t1)
         dense_info = dict(
             ts=window.ts,
             ys=window.ys,
@@ -939,6 +930,34 @@ class DeerSolver(AbstractImplicitSolver):
         return terms.vf(t0, y0, args)
 
 
+def _next_state(solver_state: DeerState, window: "_Window", t0, t1) -> DeerState:
+    """The solver state after `window`: its figures, and the running totals."""
+    stats, error = window.stats, window.error
+    dtype = window.ys.dtype
+    return DeerState(
+        num_iters=window.num_iters,
+        total_num_iters=solver_state.total_num_iters + window.num_iters,
+        max_num_iters=jnp.maximum(solver_state.max_num_iters, window.num_iters),
+        update_norm=stats.update_norm.astype(dtype),
+        residual_norm=stats.residual_norm.astype(dtype),
+        trajectory=jax.lax.stop_gradient(window.ys),
+        window_t0=jnp.asarray(t0, solver_state.window_t0.dtype),
+        window_t1=jnp.asarray(t1, solver_state.window_t1.dtype),
+        error_estimate=error.error_estimate,
+        max_error_estimate=jnp.fmax(
+            solver_state.max_error_estimate, error.error_estimate
+        ),
+        dense_error_estimate=error.dense_error_estimate,
+        max_dense_error_estimate=jnp.fmax(
+            solver_state.max_dense_error_estimate, error.dense_error_estimate
+        ),
+        scaled_error=error.scaled_error,
+        max_scaled_error=jnp.fmax(solver_state.max_scaled_error, error.scaled_error),
+        total_estimate_iters=solver_state.total_estimate_iters + window.estimate_iters,
+        total_remeshes=solver_state.total_remeshes + window.remeshed.astype(jnp.int32),
+    )
+
+
 def _flat_rms_norm(x: PyTree[Array]) -> Real[Array, ""]:
     flat, _ = ravel(x)
     return jnp.sqrt(jnp.mean(jnp.abs(flat) ** 2))
@@ -980,13 +999,14 @@ class _WindowError(eqx.Module):
 
     y_error: PyTree[Array] | None
     error_estimate: Real[Array, ""]
+    dense_error_estimate: Real[Array, ""]
     scaled_error: Real[Array, ""]
     controller_error: Real[Array, ""]
 
     @classmethod
     def none(cls, dtype) -> "_WindowError":
         nan = jnp.array(jnp.nan, dtype)
-        return cls(None, nan, nan, nan)
+        return cls(None, nan, nan, nan, nan)
 
     @classmethod
     def of(
@@ -996,24 +1016,33 @@ class _WindowError(eqx.Module):
 
         A controller divides `y_error` by $\text{atol} + \text{rtol}
         \max(|y_0|, |y_1|)$ and takes its norm. A window's error lives at every
-        node, so each node's error is scaled by its own tolerance,
-        $\epsilon = \max_i \|e_i / (\text{atol} + \text{rtol}|y_i|)\|$, and
-        `y_error` is $\epsilon$ times the end's scale: the controller then sees
-        $\epsilon$ (for the RMS and max norms), and rejects a window whose worst
-        node is out of tolerance. Without a target (a grid given, no tolerances)
-        the scale is $1 + |y_i|$, which is right for any `rtol = atol`.
-        Infinite when Newton or the estimate failed.
+        node and between them (its dense output), so each error is scaled by its
+        own tolerance, $\epsilon = \max \|e / (\text{atol} + \text{rtol}|y|)\|$
+        over the nodes and the intervals' midpoints, and `y_error` is $\epsilon$
+        times the end's scale: the controller then sees $\epsilon$ (for the RMS
+        and max norms), and rejects a window whose worst node or dense value is
+        out of tolerance. Without a target (a grid given, no tolerances) the scale
+        is $1 + |y|$, which is right for any `rtol = atol`. Infinite when Newton
+        or the estimate failed.
         """
         ys = jax.lax.stop_gradient(ys)
-        node_errors = estimate.node_errors
+        node_errors, dense_errors = estimate.node_errors, estimate.dense_errors
+        midpoint_ys = 0.5 * (ys[:-1] + ys[1:])
         per_node = scale.norms(node_errors[1:], ys[1:], unravel)
-        scaled = jnp.where(converged, jnp.max(per_node), jnp.inf)
+        per_midpoint = scale.norms(dense_errors, midpoint_ys, unravel)
+        worst = jnp.maximum(jnp.max(per_node), jnp.max(per_midpoint))
+        scaled = jnp.where(converged, worst, jnp.inf)
         end_scale = scale.at(jnp.maximum(jnp.abs(ys[0]), jnp.abs(ys[-1])))
         y_error = unravel(scaled.astype(ys.dtype) * end_scale)
-        rms = jnp.sqrt(jnp.mean(node_errors**2, axis=-1))
+
+        def largest_rms(errors):
+            rms = jnp.sqrt(jnp.mean(errors**2, axis=-1))
+            return jnp.where(converged, jnp.max(rms), jnp.inf)
+
         return cls(
             y_error=y_error,
-            error_estimate=jnp.where(converged, jnp.max(rms), jnp.inf),
+            error_estimate=largest_rms(node_errors),
+            dense_error_estimate=largest_rms(dense_errors),
             scaled_error=scaled if scale.has_target else jnp.full_like(scaled, jnp.nan),
             controller_error=scaled,
         )

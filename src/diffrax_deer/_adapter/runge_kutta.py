@@ -53,6 +53,11 @@ class ExplicitRungeKutta(AbstractExplicitMap):
     def order(self) -> int:
         return self.solver.order(diffrax.ODETerm(lambda t, y, args: y))
 
+    def dense_order(self) -> int:
+        # diffrax's interpolants are continuous extensions of order at least p - 1,
+        # so their own local error is of order p or more.
+        return self.order()
+
     def _step(self, vector_field, t0, t1, y0, args):
         term = diffrax.ODETerm(vector_field)
         state = self.solver.init(term, t0, t1, y0, args)

@@ -214,6 +214,12 @@ class AbstractDiscretisation(eqx.Module):
     def order(self) -> int:
         """The order of convergence of the discretisation."""
 
+    def dense_order(self) -> int:
+        """The local order of the dense output's own error between the nodes, on
+        its least accurate intervals (the error estimate scales by it); by default
+        cubic Hermite's, 4."""
+        return 4
+
     def init_stages(
         self,
         vector_field: VectorField,

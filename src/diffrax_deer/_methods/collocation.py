@@ -299,6 +299,11 @@ class AbstractCollocation(AbstractDiscretisation):
             stiff=amplification > _MAX_HERMITE_AMPLIFICATION,
         )
 
+    def dense_order(self) -> int:
+        # The collocation polynomial's, used on stiff intervals (quintic Hermite,
+        # of order 6, elsewhere).
+        return self.stages + 1
+
     def interpolate(self, ts, ys, dense_info, t, uniform=False):
         index, fraction, step = grid_interval(ts, t, uniform)
         hermite = quintic_hermite_in_interval(
