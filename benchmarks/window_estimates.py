@@ -5,8 +5,9 @@ tolerance rtol = atol, DeerSolver() + PIDController solves the whole problem,
 saving every accepted window's end. Each window [t_k, t_k+1] is then solved
 again on its own from the y_k the adaptive solve reached there, as one window of
 length t_k+1 - t_k (the controller accepts it: the same inputs as when it was
-accepted), and its solver state gives that window's estimate: max_i RMS(e_i), the
-estimated error at its nodes. The true error of the same window solve is max_j
+accepted), and its solver state gives that window's estimates: max_i RMS(e_i) at
+its nodes (`error_estimate`), and the same at its intervals' midpoints for the
+dense output (`dense_error_estimate`). The true error of the same window solve is max_j
 RMS(y(s_j) - y_ref(s_j)) at 9 times s_j spread over the window, y_ref being
 diffrax (Kvaerno5 if stiff, else Tsit5) at rtol = atol = 1e-13 from the same
 (t_k, y_k): the window's own error, not the error carried in from earlier windows.

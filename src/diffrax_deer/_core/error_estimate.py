@@ -93,10 +93,9 @@ def estimate_error(
     every-other-node coarsening are a nested pair like a uniform one.
 
     Between the nodes the dense output has an error of its own, which can exceed
-    the nodes' (on stiff intervals the collocation methods' dense output is of
-    local order $q = s + 1$ against the nodes' $2s - 1$). It is estimated the
-    same way, at the midpoint $m_i$ of every fine interval: the two grids' dense
-    outputs differ by $D_i = u^{h}(m_i) - u^{2h}(m_i)$. With the global error
+    the nodes' (of local order $s + 1$ for collocation on stiff intervals). It is
+    estimated the same way, at the midpoint $m_i$ of every fine interval: the two
+    grids' dense outputs differ by $D_i = u^{h}(m_i) - u^{2h}(m_i)$. With the global error
     $G$ (carried from the nodes, order $p$) and the interpolant's own error $L$
     (order $q$), $D \approx (2^p - 1) G + (2^q - 1) L$, so
 
@@ -161,6 +160,7 @@ def estimate_error(
         (ts, ys, stages),
         (coarse_ts, coarse_ys, coarse_stages),
         coarse_errors,
+        factor,
         midpoints,
         args,
     )
@@ -191,10 +191,11 @@ def _interpolate_linearly(ts, nodes, values):
 
 
 def _dense_errors(
-    vector_field, discretisation, fine, coarse, coarse_errors, times, args
+    vector_field, discretisation, fine, coarse, coarse_errors, factor, times, args
 ):
     """The dense output's estimated error at `times` (see `estimate_error`), from
-    the two grids, each given as `(ts, ys, stages)`, and the coarse nodes' errors."""
+    the two grids, each given as `(ts, ys, stages)`, the coarse nodes' errors and
+    the nodes' Richardson factor $2^p - 1$."""
 
     def dense_output(grid):
         ts, ys, stages = grid
@@ -202,11 +203,10 @@ def _dense_errors(
         return jax.vmap(lambda t: discretisation.interpolate(ts, ys, info, t))(times)
 
     dtype = coarse_errors.dtype
-    order = discretisation.order()
-    dense_order = min(order, discretisation.dense_order())
+    dense_order = min(discretisation.order(), discretisation.dense_order())
     difference = dense_output(fine) - dense_output(coarse)
     carried = _interpolate_linearly(times, coarse[0], coarse_errors)
-    own = difference - jnp.asarray(2.0**order - 1, dtype) * carried
+    own = difference - jnp.asarray(factor, dtype) * carried
     return carried + own / jnp.asarray(2.0**dense_order - 1, dtype)
 
 
