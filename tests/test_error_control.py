@@ -126,6 +126,27 @@ def test_dense_estimate_within_10x_of_true_error_when_stiff(stiffness):
     )
 
 
+def test_dense_estimate_compares_like_interpolants_on_both_grids():
+    # h * stiffness = 1.5: the fine grid interpolates with quintic Hermite, and
+    # the coarse grid, twice as stiff per interval, would switch to its
+    # collocation polynomial (order 4 against 6): the difference of the two
+    # dense outputs then measures the coarse polynomial, not the fine Hermite.
+    method = RadauIIA(stages=3)
+    ts = jnp.linspace(0.0, 4.0, 17)
+    ys, stats, estimate, dense = window_and_estimate(
+        prothero_robinson, method, ts, jnp.zeros(1), jnp.array(6.0)
+    )
+    assert bool(stats.converged) and bool(estimate.valid)
+    args = jnp.array(6.0)
+    fine_info = method.dense_info(prothero_robinson, ts, ys, None, args)
+    coarse_info = method.dense_info(prothero_robinson, ts[::2], ys[::2], None, args)
+    assert not np.any(np.asarray(fine_info["stiff"]))
+    assert np.all(np.asarray(coarse_info["stiff"]))
+    midpoints = np.asarray(estimate.midpoints)
+    true = np.asarray(dense) - np.sin(midpoints)[:, None]
+    _assert_estimate_within_10x(np.asarray(estimate.dense_errors), true, 1e-13)
+
+
 @pytest.mark.slow
 def test_estimate_within_10x_of_true_error_van_der_pol():
     ts = jnp.linspace(0.0, 6.0, 33)

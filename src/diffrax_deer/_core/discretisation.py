@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Inexact, PyTree, Real
+import numpy as np
+from jaxtyping import Array, Inexact, Int, PyTree, Real
 
 from .damped_scan import solve_damped_recurrence
 from .scan import solve_affine_recurrence
@@ -219,6 +220,29 @@ class AbstractDiscretisation(eqx.Module):
         its least accurate intervals (the error estimate scales by it); by default
         cubic Hermite's, 4."""
         return 4
+
+    def interval_dense_orders(
+        self, dense_info: PyTree[Array]
+    ) -> Int[Array, " steps"] | int:
+        """The local order of each interval's dense output error, for a method
+        whose interpolant differs from interval to interval (by default
+        [`diffrax_deer.AbstractDiscretisation.dense_order`][] everywhere)."""
+        del dense_info
+        return self.dense_order()
+
+    def match_dense_info(
+        self,
+        coarse_info: PyTree[Array],
+        fine_info: PyTree[Array],
+        coarse_of_fine: np.ndarray,
+    ) -> PyTree[Array]:
+        """`coarse_info`, the dense output data of a coarser nested grid, made to
+        interpolate each of its intervals as the fine grid does there (fine
+        interval `i` lies in coarse interval `coarse_of_fine[i]`): the error
+        estimate compares the two grids' dense outputs, which must then be the
+        same kind of interpolant. Unchanged by default (one interpolant)."""
+        del fine_info, coarse_of_fine
+        return coarse_info
 
     def init_stages(
         self,

@@ -94,15 +94,16 @@ def estimate_error(
 
     Between the nodes the dense output has an error of its own, which can exceed
     the nodes' (of local order $s + 1$ for collocation on stiff intervals). It is
-    estimated the same way, at the midpoint $m_i$ of every fine interval: the two
-    grids' dense outputs differ by $D_i = u^{h}(m_i) - u^{2h}(m_i)$. With the global error
-    $G$ (carried from the nodes, order $p$) and the interpolant's own error $L$
-    (order $q$), $D \approx (2^p - 1) G + (2^q - 1) L$, so
+    estimated the same way, at the midpoint $m_i$ of every fine interval: the
+    two grids' dense outputs differ by $D_i = u^{h}(m_i) - u^{2h}(m_i)$. With the
+    global error $G$ (carried from the nodes, order $p$) and the interpolant's
+    own error $L$ (order $q$), $D \approx (2^p - 1) G + (2^q - 1) L$, so
 
     $$e(m_i) \approx \bar e_i + \frac{D_i - (2^p - 1) \bar e_i}{2^q - 1},$$
 
-    with $\bar e_i$ the node estimate interpolated to $m_i$ and $q = \min(p,$
-    `discretisation.dense_order()`$)$.
+    with $\bar e_i$ the node estimate interpolated to $m_i$ and $q = \min(p, q_i)$,
+    $q_i$ the order of the interval's interpolant (`interval_dense_orders`), the
+    same kind on both grids (`match_dense_info`), or $D$ would measure the cruder.
 
     Nothing here is differentiated (the inputs are wrapped in `stop_gradient`).
 
@@ -153,15 +154,13 @@ def estimate_error(
     factor = 2.0 ** discretisation.order() - 1
     coarse_errors = (guess - coarse_ys) / jnp.asarray(factor, ys.dtype)
     node_errors = _interpolate_linearly(ts, coarse_ts, coarse_errors)
-    midpoints = 0.5 * (ts[:-1] + ts[1:])
-    dense_errors = _dense_errors(
+    midpoints, dense_errors = _dense_errors(
         vector_field,
         discretisation,
         (ts, ys, stages),
         (coarse_ts, coarse_ys, coarse_stages),
         coarse_errors,
         factor,
-        midpoints,
         args,
     )
     valid = (
@@ -191,23 +190,38 @@ def _interpolate_linearly(ts, nodes, values):
 
 
 def _dense_errors(
-    vector_field, discretisation, fine, coarse, coarse_errors, factor, times, args
+    vector_field, discretisation, fine, coarse, coarse_errors, factor, args
 ):
-    """The dense output's estimated error at `times` (see `estimate_error`), from
-    the two grids, each given as `(ts, ys, stages)`, the coarse nodes' errors and
-    the nodes' Richardson factor $2^p - 1$."""
+    """The dense output's estimated error at every fine interval's midpoint (see
+    `estimate_error`), from the two grids, each given as `(ts, ys, stages)`, the
+    coarse nodes' errors and the nodes' Richardson factor $2^p - 1$."""
+    (ts, ys, _), (coarse_ts, coarse_ys, _) = fine, coarse
+    midpoints = 0.5 * (ts[:-1] + ts[1:])
+    # Fine interval i lies in coarse interval i // 2 (the last one alone if odd).
+    coarse_of_fine = np.minimum(np.arange(ts.shape[0] - 1) // 2, coarse_ts.shape[0] - 2)
+    fine_info = discretisation.dense_info(vector_field, *fine, args)
+    coarse_info = discretisation.match_dense_info(
+        discretisation.dense_info(vector_field, *coarse, args),
+        fine_info,
+        coarse_of_fine,
+    )
 
-    def dense_output(grid):
-        ts, ys, stages = grid
-        info = discretisation.dense_info(vector_field, ts, ys, stages, args)
-        return jax.vmap(lambda t: discretisation.interpolate(ts, ys, info, t))(times)
+    def dense_output(grid_ts, grid_ys, info):
+        return jax.vmap(
+            lambda t: discretisation.interpolate(grid_ts, grid_ys, info, t)
+        )(midpoints)
 
     dtype = coarse_errors.dtype
-    dense_order = min(discretisation.order(), discretisation.dense_order())
-    difference = dense_output(fine) - dense_output(coarse)
-    carried = _interpolate_linearly(times, coarse[0], coarse_errors)
+    orders = jnp.broadcast_to(
+        discretisation.interval_dense_orders(coarse_info), coarse_ts.shape[0] - 1
+    )[coarse_of_fine]
+    orders = jnp.minimum(orders, discretisation.order()).astype(dtype)
+    difference = dense_output(ts, ys, fine_info) - dense_output(
+        coarse_ts, coarse_ys, coarse_info
+    )
+    carried = _interpolate_linearly(midpoints, coarse_ts, coarse_errors)
     own = difference - jnp.asarray(factor, dtype) * carried
-    return carried + own / jnp.asarray(2.0**dense_order - 1, dtype)
+    return midpoints, carried + own / (2.0**orders - 1)[:, None]
 
 
 def local_errors(

@@ -75,6 +75,8 @@ def collocation_tableau(family: str, stages: int):
 # Dense output switches from quintic Hermite to the collocation polynomial where the
 # Hermite would amplify a node error more than this (see `dense_info`).
 _MAX_HERMITE_AMPLIFICATION = 2.0
+# The local order of quintic Hermite's own error between the nodes.
+_QUINTIC_HERMITE_ORDER = 6
 
 
 # Digits of the working precision of the float tableaux: far beyond float64, so
@@ -303,6 +305,20 @@ class AbstractCollocation(AbstractDiscretisation):
         # The collocation polynomial's, used on stiff intervals (quintic Hermite,
         # of order 6, elsewhere).
         return self.stages + 1
+
+    def interval_dense_orders(self, dense_info):
+        return jnp.where(dense_info["stiff"], self.stages + 1, _QUINTIC_HERMITE_ORDER)
+
+    def match_dense_info(self, coarse_info, fine_info, coarse_of_fine):
+        # A coarse interval twice as long is about twice as stiff: it would switch
+        # to its collocation polynomial where the fine grid still uses Hermite,
+        # and the two grids' difference would then measure the coarse polynomial
+        # (of order s + 1), not the fine Hermite. Take the fine grid's choice,
+        # collocation if either fine half uses it: Hermite at most doubles x, so
+        # its amplification stays under 1 + 0.74 x + 0.14 x^2 = 3.2.
+        num_coarse = coarse_info["stiff"].shape[0]
+        stiff = jnp.zeros(num_coarse, bool).at[coarse_of_fine].max(fine_info["stiff"])
+        return dict(coarse_info, stiff=stiff)
 
     def interpolate(self, ts, ys, dense_info, t, uniform=False):
         index, fraction, step = grid_interval(ts, t, uniform)
