@@ -664,10 +664,32 @@ class DeerSolver(AbstractImplicitSolver):
         check_event_support(context)
         check_terms(terms)
         self._check_mesh_adjoint(context)
-        y0_flat, unravel = ravel(y0)
+        y0_flat, _ = ravel(y0)
         _check_solver_state(solver_state, self.intervals, y0_flat, t0)
         if y0_flat.size == 0:
             return self._empty_step(t0, t1, y0, solver_state)
+        # (DeerAdjoint raises itself, for the windows it keeps; an adaptive
+        # controller rejects a failed window and retries it shorter.)
+        throw = (
+            context is not None
+            and context.throw
+            and not context.deer_adjoint
+            and not context.adaptive
+        )
+        y1, y_error, dense_info, new_state, result = _cached_window_step(
+            self, terms, t0, t1, y0, args, solver_state, throw
+        )
+        dense = context is not None and getattr(context.saveat, "dense", False)
+        if dense and not context.deer_adjoint:
+            # diffrax's own loop reserves `max_steps` windows of this; DeerAdjoint
+            # reserves only the windows that occur, or warns itself.
+            warn_if_dense_buffers_are_large(dense_info, context.max_steps)
+        return y1, y_error, dense_info, new_state, result
+
+    def _window_step(self, terms, t0, t1, y0, args, solver_state: DeerState, throw):
+        """`step` on a state of positive size: solve the window, estimate its
+        error, and raise on failure if `throw`."""
+        y0_flat, unravel = ravel(y0)
         dtype = y0_flat.dtype
         vector_field = self._vector_field(terms, unravel, dtype)
         num_steps = self.intervals
@@ -719,14 +741,7 @@ class DeerSolver(AbstractImplicitSolver):
             # needs is below `dtmin`.
             too_coarse = stats.converged & ~(error.scaled_error <= self.max_error_ratio)
             result = RESULTS.where(too_coarse, RESULTS.dt_min_reached, result)
-        # (DeerAdjoint raises itself, for the windows it keeps; an adaptive
-        # controller rejects a failed window and retries it shorter.)
-        if (
-            context is not None
-            and context.throw
-            and not context.deer_adjoint
-            and not context.adaptive
-        ):
+        if throw:
             raise_if_failed(
                 ~stats.converged,
                 stats.diverged,
@@ -746,11 +761,6 @@ class DeerSolver(AbstractImplicitSolver):
             ),
             template=structure_template(y0),
         )
-        dense = context is not None and getattr(context.saveat, "dense", False)
-        if dense and not context.deer_adjoint:
-            # diffrax's own loop reserves `max_steps` windows of this; DeerAdjoint
-            # reserves only the windows that occur, or warns itself.
-            warn_if_dense_buffers_are_large(dense_info, context.max_steps)
         y1 = unravel(window.ys[-1])
         return y1, error.y_error, dense_info, new_state, result
 
@@ -822,6 +832,8 @@ class DeerSolver(AbstractImplicitSolver):
         differentiated."""
         method, num_steps = self.method, uniform_ts.shape[0] - 1
         scale = _Scale.of(self._target(), warm_guess.dtype)
+        # Traced once, for the passes' carry and inside them, as the same call.
+        solve = eqx.filter_jit(solve)
 
         def plan(current):
             estimate = jax.lax.stop_gradient(current.estimate)
@@ -908,26 +920,43 @@ class DeerSolver(AbstractImplicitSolver):
             )
             return (new, needed & worth), None
 
+        _, first_stages = first_guess(None)
         shapes = eqx.filter_eval_shape(
-            lambda: solve(uniform_ts, guess=warm_guess, use_guess=warm)
-        )
-        placeholder = jtu.tree_map(
-            lambda x: (
-                jnp.zeros(x.shape, x.dtype)
-                if isinstance(x, jax.ShapeDtypeStruct)
-                else x
-            ),
-            shapes,
+            solve,
+            uniform_ts,
+            guess=warm_guess,
+            use_guess=warm,
+            guess_stages=first_stages,
         )
         (window, _), _ = jax.lax.scan(
             one_pass,
-            (placeholder, jnp.array(True)),
+            (_zeros_of(shapes), jnp.array(True)),
             jnp.arange(_REMESH_PASSES + 1),
         )
         return window
 
     def func(self, terms, t0, y0, args) -> Any:
         return terms.vf(t0, y0, args)
+
+
+def _zeros_of(shapes: PyTree) -> PyTree:
+    """Zeros in place of every `jax.ShapeDtypeStruct` of `shapes`."""
+    return jtu.tree_map(
+        lambda x: (
+            jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+        ),
+        shapes,
+    )
+
+
+@eqx.filter_jit
+def _cached_window_step(solver, terms, t0, t1, y0, args, solver_state, throw):
+    # diffrax traces a solver's `step` three times per `diffeqsolve` (two
+    # `eval_shape`s of its loop body, then the loop): as a jitted function of the
+    # same static parts and shapes, the window solve is traced once, and the
+    # other two reuse it. The field (inside `terms`) and `args` are as hashable
+    # here as `diffeqsolve`'s own `filter_jit` requires.
+    return solver._window_step(terms, t0, t1, y0, args, solver_state, throw)
 
 
 def _next_state(solver_state: DeerState, window: "_Window", t0, t1) -> DeerState:
