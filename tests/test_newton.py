@@ -40,13 +40,16 @@ def neural_field(state_size, scale=1.0):
 
 
 @eqx.filter_jit
-def solve_final(field, y0, jacobian, method, damping=False):
+def solve_final(field, y0, jacobian, method, damping=False, error_estimate=False):
+    # Without the error estimate unless asked: these tests are about Newton, and its
+    # coarse solve would double what each compiles.
     solver = DeerSolver(
         num_steps=200,
         jacobian=jacobian,
         method=method,
         damping=damping,
         max_iters=200,
+        error_estimate=error_estimate,
     )
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
@@ -64,11 +67,18 @@ def solve_final(field, y0, jacobian, method, damping=False):
 def test_diagonal_agrees_with_full_on_64_state_neural_field():
     field = neural_field(64)
     y0 = jax.random.normal(jax.random.key(1), (64,))
-    ys_full, state_full = solve_final(field, y0, "full", Trapezoid())
-    ys_diagonal, state_diagonal = solve_final(field, y0, "diagonal", Trapezoid())
+    ys_full, state_full = solve_final(field, y0, "full", Trapezoid(), False, True)
+    ys_diagonal, state_diagonal = solve_final(
+        field, y0, "diagonal", Trapezoid(), False, True
+    )
     # Both stop when their update is within 1e-10 (rtol and atol): the same discrete
     # trajectory to about that.
     np.testing.assert_allclose(ys_diagonal, ys_full, rtol=1e-8, atol=1e-8)
+    # And the same error estimate: the coarse solve also converges in both modes.
+    np.testing.assert_allclose(
+        state_diagonal.error_estimate, state_full.error_estimate, rtol=1e-4
+    )
+    assert np.isfinite(float(state_full.error_estimate))
     # The diagonal Newton direction converges linearly: more iterations.
     assert int(state_diagonal.num_iters) > int(state_full.num_iters)
     assert float(state_diagonal.residual_norm) < 1e-10
