@@ -67,9 +67,11 @@ def solve_final(field, y0, jacobian, method, damping=False, error_estimate=False
 def test_diagonal_agrees_with_full_on_64_state_neural_field():
     field = neural_field(64)
     y0 = jax.random.normal(jax.random.key(1), (64,))
-    ys_full, state_full = solve_final(field, y0, "full", Trapezoid(), False, True)
+    ys_full, state_full = solve_final(
+        field, y0, "full", Trapezoid(), error_estimate=True
+    )
     ys_diagonal, state_diagonal = solve_final(
-        field, y0, "diagonal", Trapezoid(), False, True
+        field, y0, "diagonal", Trapezoid(), error_estimate=True
     )
     # Both stop when their update is within 1e-10 (rtol and atol): the same discrete
     # trajectory to about that.

@@ -920,13 +920,14 @@ class DeerSolver(AbstractImplicitSolver):
             )
             return (new, needed & worth), None
 
-        _, first_stages = first_guess(None)
+        # The first pass's call, for its shapes only (no ops left in the program).
         shapes = eqx.filter_eval_shape(
-            solve,
-            uniform_ts,
-            guess=warm_guess,
-            use_guess=warm,
-            guess_stages=first_stages,
+            lambda: solve(
+                uniform_ts,
+                guess=warm_guess,
+                use_guess=warm,
+                guess_stages=first_guess(None)[1],
+            )
         )
         (window, _), _ = jax.lax.scan(
             one_pass,

@@ -14,6 +14,7 @@ from .discretisation import (
     closure_convert_field,
 )
 from .newton import NewtonStats, newton_solve
+from .predictor import containing_intervals
 
 
 class ErrorEstimate(eqx.Module):
@@ -159,6 +160,7 @@ def estimate_error(
         discretisation,
         (ts, ys, stages),
         (coarse_ts, coarse_ys, coarse_stages),
+        indices,
         coarse_errors,
         factor,
         args,
@@ -190,15 +192,16 @@ def _interpolate_linearly(ts, nodes, values):
 
 
 def _dense_errors(
-    vector_field, discretisation, fine, coarse, coarse_errors, factor, args
+    vector_field, discretisation, fine, coarse, indices, coarse_errors, factor, args
 ):
     """The dense output's estimated error at every fine interval's midpoint (see
     `estimate_error`), from the two grids, each given as `(ts, ys, stages)`, the
-    coarse nodes' errors and the nodes' Richardson factor $2^p - 1$."""
+    fine nodes that form the coarse grid (`indices`), the coarse nodes' errors and
+    the nodes' Richardson factor $2^p - 1$."""
     (ts, ys, _), (coarse_ts, coarse_ys, _) = fine, coarse
     midpoints = 0.5 * (ts[:-1] + ts[1:])
-    # Fine interval i lies in coarse interval i // 2 (the last one alone if odd).
-    coarse_of_fine = np.minimum(np.arange(ts.shape[0] - 1) // 2, coarse_ts.shape[0] - 2)
+    # The coarse interval that holds each fine one (the one its first node opens).
+    coarse_of_fine = containing_intervals(indices, np.arange(ts.shape[0] - 1))
     fine_info = discretisation.dense_info(vector_field, *fine, args)
     coarse_info = discretisation.match_dense_info(
         discretisation.dense_info(vector_field, *coarse, args),

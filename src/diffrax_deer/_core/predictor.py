@@ -213,6 +213,16 @@ def base_solve(
     return jnp.where(finite, ys, jnp.broadcast_to(y0, ys.shape)), finite
 
 
+def containing_intervals(
+    coarse_indices: np.ndarray, fine_indices: np.ndarray
+) -> np.ndarray:
+    """For each fine node (by its index), the coarse interval that holds it, both
+    grids being fine nodes given by their indices (a node on a coarse node starts
+    that interval; the last node ends the last one)."""
+    intervals = np.searchsorted(coarse_indices, fine_indices, side="right") - 1
+    return np.clip(intervals, 0, coarse_indices.shape[0] - 2)
+
+
 def interpolate_between_grids(
     coarse_indices: np.ndarray,
     coarse_ts: Real[Array, " coarse_nodes"],
@@ -229,8 +239,7 @@ def interpolate_between_grids(
     $h_{00} Y_k + h_{10} H_k F_k + h_{01} Y_{k+1} + h_{11} H_k F_{k+1}$. Any
     increasing grid works.
     """
-    intervals = np.searchsorted(coarse_indices, fine_indices, side="right") - 1
-    intervals = np.clip(intervals, 0, coarse_indices.shape[0] - 2)
+    intervals = containing_intervals(coarse_indices, fine_indices)
     start, end = coarse_ts[intervals], coarse_ts[intervals + 1]
     length = end - start
     safe_length = jnp.where(length == 0, 1, length)

@@ -307,7 +307,9 @@ class AbstractCollocation(AbstractDiscretisation):
         return self.stages + 1
 
     def interval_dense_orders(self, dense_info):
-        return jnp.where(dense_info["stiff"], self.stages + 1, _QUINTIC_HERMITE_ORDER)
+        return jnp.where(
+            dense_info["stiff"], self.dense_order(), _QUINTIC_HERMITE_ORDER
+        )
 
     def match_dense_info(self, coarse_info, fine_info, coarse_of_fine):
         # A coarse interval twice as long is about twice as stiff: it would switch
