@@ -10,10 +10,11 @@ import pathlib
 # The tests compile hundreds of small programs and time none of them, and the
 # arithmetic stays IEEE (no fast-math at any level). Level 0 does not contract
 # `a * b + c` into fused multiply-adds, so results differ from a user's (level 3) in
-# the last bit; the tight references compile at level 3 (`_bench.problems`), as
-# Robertson's depends on that bit. Measured, the whole suite on the 2 cores (`-n 2`):
-# 1186 s at level 0 with the fusion emitters, 1022 s at level 1 with the elemental
-# ones, 699 s with these.
+# the last bit; the registry's tight references compile at level 3
+# (`_bench.solves.solve_reference`), as Robertson's depends on that bit, while
+# `tsit5_reference` below (smooth test fields, no such cancellation) stays at 0.
+# Measured, the whole suite on the 2 cores (`-n 2`): 1186 s at level 0 with the
+# fusion emitters, 1022 s at level 1 with the elemental ones, 699 s with these.
 TEST_XLA_FLAGS = " ".join(
     [
         "--xla_backend_optimization_level=0",

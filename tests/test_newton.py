@@ -42,7 +42,7 @@ def neural_field(state_size, scale=1.0):
 @eqx.filter_jit
 def solve_final(field, y0, jacobian, method, damping=False, error_estimate=False):
     # Without the error estimate unless asked: these tests are about Newton, and its
-    # coarse solve would double what each compiles.
+    # coarse solve would add a second Newton loop to what each compiles.
     solver = DeerSolver(
         num_steps=200,
         jacobian=jacobian,

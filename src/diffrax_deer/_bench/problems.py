@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from .solves import Instance, adaptive_solve, succeeded
+from .solves import Instance, solve_reference, succeeded
 
 
 # --------------------------------------------------------------------------------------
@@ -229,17 +229,6 @@ def cast_field(field: Any, dtype, weights_dtype=None) -> Any:
 
 
 REFERENCE_MAX_STEPS = 1_000_000
-
-# A reference is compiled at XLA's default optimisation level (3), whatever XLA_FLAGS
-# ask for (the tests ask for level 0, which compiles faster). Below level 1, XLA does
-# not contract `a * b + c` into a fused multiply-add, and Robertson's tight reference
-# (atol 1e-20) depends on that last bit: late in the run, y2's derivative is two
-# terms of 4e-9 cancelling to 2e-23, and rounded the other way Kvaerno5's steps
-# stall near t = 2e10 and it runs out of steps (measured: 66,300 steps at levels 1
-# and 3, over 10^6 at level 0 with the elemental emitters).
-solve_reference = eqx.filter_jit(
-    adaptive_solve, compiler_options={"xla_backend_optimization_level": 3}
-)
 
 
 @dataclasses.dataclass(frozen=True)
