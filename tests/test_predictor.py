@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import lotka_volterra
-from diffrax_deer import BackwardEuler, DeerAdjoint, DeerSolver, Trapezoid, solve_window
+from diffrax_deer import (
+    BackwardEuler,
+    DeerAdjoint,
+    DeerSolver,
+    GaussLegendre,
+    RadauIIA,
+    Trapezoid,
+    solve_window,
+)
 from diffrax_deer._bench.depth import sequential_loops
 from diffrax_deer._core.newton import newton_solve
 from diffrax_deer._core.predictor import (
@@ -19,6 +27,7 @@ from diffrax_deer._core.predictor import (
     predict_trajectory,
     subgrid_indices,
 )
+from diffrax_deer._core.window import _constant_residual_bound
 
 
 def lotka_volterra_scaled(t, y, args):
@@ -197,3 +206,39 @@ def test_stiff_base_solve_is_stable():
         assert bool(finite)
         np.testing.assert_allclose(ys[2:], exact[2:], atol=2e-3)
     assert BackwardEuler.stiff_predictor and not Trapezoid.stiff_predictor
+
+
+@pytest.mark.parametrize(
+    "method",
+    [BackwardEuler(), Trapezoid(), GaussLegendre(3), RadauIIA(3), "tsit5"],
+)
+def test_constant_residual_bound_is_the_residual_of_its_intervals(method):
+    # The window solve compares the predictor's residual with the constant guess's
+    # through a bound from a few intervals: it must be those intervals' residual
+    # in the whole grid (each interval's residual is its own), hence a lower bound.
+    if method == "tsit5":
+        method = DeerSolver(num_steps=16, method=diffrax.Tsit5()).method
+
+    def field(t, y, args):
+        return jnp.sin(3.0 * t) * y + jnp.cos(t) * y[::-1]
+
+    ts = jnp.linspace(0.0, 2.0, 17) ** 1.5
+    y0 = jnp.array([1.0, -0.5])
+    constant = jnp.broadcast_to(y0, (17, 2))
+    stages = method.init_stages(field, ts, constant, None)
+    residual = method.residual(field, ts, constant, stages, None)
+    rows = jnp.max(
+        jnp.stack(
+            [
+                jnp.sqrt(jnp.mean(x.reshape(16, -1, x.shape[-1]) ** 2, axis=-1)).max(-1)
+                for x in jax.tree_util.tree_leaves(residual)
+            ]
+        ),
+        axis=0,
+    )
+    bound = _constant_residual_bound(field, method, ts, y0, None)
+    intervals = np.r_[0:2, 7:9, 14:16]
+    others = np.setdiff1d(np.arange(16), intervals)
+    np.testing.assert_allclose(bound, rows[intervals].max(), rtol=1e-12)
+    assert bound <= rows.max()
+    assert not np.isclose(rows[others].max(), rows[intervals].max())

@@ -79,6 +79,33 @@ def _stored_if_better(
 # How many times the constant guess's residual the predictor's may be before the
 # constant guess is used instead.
 _FAR_WORSE = 10.0
+# The constant guess's residual is first evaluated on this many intervals at each
+# end of the window and in its middle: a lower bound on the whole window's.
+_BOUND_INTERVALS = 2
+
+
+def _constant_residual_bound(vector_field, discretisation, ts, y0, args) -> Array:
+    r"""A lower bound on the constant guess's $\max_i \mathrm{RMS}(r_i)$: the same
+    maximum over a few contiguous runs of intervals (each interval's residual
+    depends on that interval alone), or over all of them on a short window."""
+    num_steps = ts.shape[0] - 1
+    width = _BOUND_INTERVALS
+    if num_steps <= 3 * width:
+        return _residual_size(
+            vector_field, discretisation, ts, constant_guess(ts, y0), args
+        )
+    middle = (num_steps - width) // 2
+    sizes = [
+        _residual_size(
+            vector_field,
+            discretisation,
+            ts[start : start + width + 1],
+            constant_guess(ts[start : start + width + 1], y0),
+            args,
+        )
+        for start in (0, middle, num_steps - width)
+    ]
+    return jnp.max(jnp.stack(sizes))
 
 
 def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
@@ -86,9 +113,12 @@ def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
     residual size (XLA drops it where it is not used)."""
     discretisation = config.discretisation
     constant = constant_guess(ts, y0)
-    constant_size = _residual_size(vector_field, discretisation, ts, constant, args)
+
+    def constant_size():
+        return _residual_size(vector_field, discretisation, ts, constant, args)
+
     if config.predictor_steps == 0:
-        return constant, constant_size
+        return constant, constant_size()
     predicted = predict_trajectory(
         vector_field,
         discretisation,
@@ -103,17 +133,29 @@ def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
         jacobian=config.jacobian,
     ).guess
     predicted_size = _residual_size(vector_field, discretisation, ts, predicted, args)
+
     # On a stiff field a coarse solve interpolated onto the grid (through the
     # field's large values off the slow manifold) can be far worse than y0 at every
     # node: Radau IIA on Van der Pol mu = 1000 diverged from a guess with 3500x the
     # constant's residual, and converges from y0. Only such a gap counts: a
     # residual is a rough proxy (explicit Euler's better guess can have 1.3x the
     # constant's).
-    far_worse = ~(predicted_size <= _FAR_WORSE * constant_size)
-    use_constant = far_worse & jnp.isfinite(constant_size)
+    def far_worse_than_constant():
+        size = constant_size()
+        return ~(predicted_size <= _FAR_WORSE * size) & jnp.isfinite(size), size
+
+    # Within the bound's gap the whole constant residual (one more evaluation of
+    # the field over the grid) cannot change the decision: it is evaluated only
+    # outside it.
+    bound = _constant_residual_bound(vector_field, discretisation, ts, y0, args)
+    use_constant, size = jax.lax.cond(
+        predicted_size <= _FAR_WORSE * bound,
+        lambda: (jnp.array(False), predicted_size),
+        far_worse_than_constant,
+    )
     return (
         jnp.where(use_constant, constant, predicted),
-        jnp.where(use_constant, constant_size, predicted_size),
+        jnp.where(use_constant, size, predicted_size),
     )
 
 
