@@ -144,6 +144,13 @@ def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
         size = constant_size()
         return ~(predicted_size <= _FAR_WORSE * size) & jnp.isfinite(size), size
 
+    # On a short window the bound is the whole residual: no second evaluation.
+    if ts.shape[0] - 1 <= 3 * _BOUND_INTERVALS:
+        use_constant, size = far_worse_than_constant()
+        return (
+            jnp.where(use_constant, constant, predicted),
+            jnp.where(use_constant, size, predicted_size),
+        )
     # Within the bound's gap the whole constant residual (one more evaluation of
     # the field over the grid) cannot change the decision: it is evaluated only
     # outside it.
