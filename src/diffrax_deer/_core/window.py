@@ -144,8 +144,10 @@ def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
         size = constant_size()
         return ~(predicted_size <= _FAR_WORSE * size) & jnp.isfinite(size), size
 
-    # On a short window the bound is the whole residual: no second evaluation.
-    if ts.shape[0] - 1 <= 3 * _BOUND_INTERVALS:
+    # On a short window the bound is the whole residual: no second evaluation. On
+    # a time mesh its slices of the grid would move values between devices, by
+    # an amount that depends on where they fall in the blocks.
+    if ts.shape[0] - 1 <= 3 * _BOUND_INTERVALS or config.mesh is not None:
         use_constant, size = far_worse_than_constant()
         return (
             jnp.where(use_constant, constant, predicted),
