@@ -337,3 +337,23 @@ def test_event_with_diffrax_loop_is_refused(adjoint):
 
     with pytest.raises(NotImplementedError, match="DeerAdjoint.*every node"):
         jax.eval_shape(solve)
+
+
+def test_event_with_an_adaptive_controller_names_fixed_windows():
+    # The remedy, DeerAdjoint, takes fixed windows: the refusal says so at once,
+    # rather than sending the user to a second refusal.
+    def solve():
+        return diffrax.diffeqsolve(
+            TERM,
+            DeerSolver(),
+            0.0,
+            7.0,
+            None,
+            Y0,
+            args=MU,
+            event=LOCATED,
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+        )
+
+    with pytest.raises(NotImplementedError, match="fixed windows.*StepTo"):
+        jax.eval_shape(solve)

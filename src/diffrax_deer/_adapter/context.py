@@ -84,4 +84,11 @@ def check_event_support(context: SolveContext | None) -> None:
             "so a crossing inside a window would be missed or placed at the window's "
             "end. DeerAdjoint checks the condition at every node and locates the "
             "event in the window's dense output."
+            + (
+                " It takes fixed windows: replace the adaptive step-size controller "
+                "by `dt0` (one window: `dt0 = t1 - t0`) or "
+                "`stepsize_controller=diffrax.StepTo(ts)`."
+                if context.adaptive
+                else ""
+            )
         )
