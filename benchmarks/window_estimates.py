@@ -140,7 +140,7 @@ def converged_window(term, t0, t1, y0, args):
     fractions = jnp.asarray(FRACTIONS, t0.dtype)
     ts = (t0 + (t1 - t0) * fractions).at[-1].set(t1)
     solver = DeerSolver(
-        num_steps=64,
+        num_steps=DeerSolver().intervals,
         method=DeerSolver().method,
         rtol=1e-14,
         atol=None,
@@ -168,9 +168,10 @@ def _chosen(count: int, max_windows: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, count - 1, max_windows)).astype(int))
 
 
-def window_ratios(problem, case, tol, t0, t1, y0) -> dict[str, tuple[str, float]]:
+def window_ratios(problem, case, tol, t0, t1, y0) -> dict[str, tuple[str, float, bool]]:
     """One window's estimate / true error for each set of `CHECKS`, or why it has
-    none ("not replayed", "re-meshed", "below the reference's error")."""
+    none ("not replayed", "re-meshed", "below the reference's error"), and
+    whether Newton's stopping error there exceeds the grid's own."""
     inputs = (case.term, t0, t1, y0, case.args)
     replay = solve_window(DeerSolver(), tol, *inputs, t1 - t0)
     solver = diffrax.Kvaerno5() if problem.stiff else diffrax.Tsit5()

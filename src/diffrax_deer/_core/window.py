@@ -87,13 +87,10 @@ _BOUND_INTERVALS = 2
 def _constant_residual_bound(vector_field, discretisation, ts, y0, args) -> Array:
     r"""A lower bound on the constant guess's $\max_i \mathrm{RMS}(r_i)$: the same
     maximum over a few contiguous runs of intervals (each interval's residual
-    depends on that interval alone), or over all of them on a short window."""
+    depends on that interval alone). For windows of more than
+    `3 * _BOUND_INTERVALS` intervals (`_bound_decides`)."""
     num_steps = ts.shape[0] - 1
     width = _BOUND_INTERVALS
-    if num_steps <= 3 * width:
-        return _residual_size(
-            vector_field, discretisation, ts, constant_guess(ts, y0), args
-        )
     middle = (num_steps - width) // 2
     sizes = [
         _residual_size(
@@ -106,6 +103,13 @@ def _constant_residual_bound(vector_field, discretisation, ts, y0, args) -> Arra
         for start in (0, middle, num_steps - width)
     ]
     return jnp.max(jnp.stack(sizes))
+
+
+def _bound_decides(ts, config: _WindowConfig) -> bool:
+    # On a short window the bound would be the whole residual. On a time mesh its
+    # slices of the grid would move values between devices, by an amount that
+    # depends on where they fall in the blocks.
+    return ts.shape[0] - 1 > 3 * _BOUND_INTERVALS and config.mesh is None
 
 
 def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
@@ -144,24 +148,18 @@ def _predict(vector_field, ts, y0, args, tolerances, config: _WindowConfig):
         size = constant_size()
         return ~(predicted_size <= _FAR_WORSE * size) & jnp.isfinite(size), size
 
-    # On a short window the bound is the whole residual: no second evaluation. On
-    # a time mesh its slices of the grid would move values between devices, by
-    # an amount that depends on where they fall in the blocks.
-    if ts.shape[0] - 1 <= 3 * _BOUND_INTERVALS or config.mesh is not None:
-        use_constant, size = far_worse_than_constant()
-        return (
-            jnp.where(use_constant, constant, predicted),
-            jnp.where(use_constant, size, predicted_size),
+    if _bound_decides(ts, config):
+        # Within the bound's gap the whole constant residual (one more evaluation
+        # of the field over the grid) cannot change the decision: it is evaluated
+        # only outside it.
+        bound = _constant_residual_bound(vector_field, discretisation, ts, y0, args)
+        use_constant, size = jax.lax.cond(
+            predicted_size <= _FAR_WORSE * bound,
+            lambda: (jnp.array(False), predicted_size),
+            far_worse_than_constant,
         )
-    # Within the bound's gap the whole constant residual (one more evaluation of
-    # the field over the grid) cannot change the decision: it is evaluated only
-    # outside it.
-    bound = _constant_residual_bound(vector_field, discretisation, ts, y0, args)
-    use_constant, size = jax.lax.cond(
-        predicted_size <= _FAR_WORSE * bound,
-        lambda: (jnp.array(False), predicted_size),
-        far_worse_than_constant,
-    )
+    else:
+        use_constant, size = far_worse_than_constant()
     return (
         jnp.where(use_constant, constant, predicted),
         jnp.where(use_constant, size, predicted_size),
